@@ -1,0 +1,343 @@
+"""Datasets as device-resident uint8 tensors, and whole-batch normalisation and augmentation.
+
+Files on disk are parsed directly (IDX for the MNIST-style sets, pickle batches for CIFAR-10,
+an ImageFolder tree for `folder`), so re-packed archives with other checksums work offline.
+torchvision's dataset classes are used only to download what is missing.
+"""
+import gzip
+import os
+import pickle
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from utils import UserError
+
+DIGITS = [str(i) for i in range(10)]
+FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+# name -> (folder under data_root, class names, mean, std, channels, digit-style)
+DATASETS = {
+    "mnist": ("MNIST", DIGITS, (0.1307,), (0.3081,), 1, True),
+    "fashion_mnist": ("FashionMNIST", FASHION, (0.2860,), (0.3530,), 1, True),
+    "cifar10": ("cifar-10-batches-py", CIFAR10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 3, False),
+}
+IDX_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
+
+
+class DataError(UserError):
+    def __init__(self, message):
+        super().__init__(message, code=1)
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # (N, C, H, W) uint8, on the training device
+    labels: torch.Tensor  # (N,) int64, on the training device
+
+    def __len__(self):
+        return self.labels.shape[0]
+
+
+@dataclass
+class DataInfo:
+    """What infer.py and --eval need to know about the data; stored in every checkpoint."""
+    dataset: str
+    classes: list
+    mean: tuple
+    std: tuple
+    in_channels: int
+    digit_style: bool
+    native_size: int
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self):
+        return {"dataset": self.dataset, "classes": list(self.classes), "mean": list(self.mean),
+                "std": list(self.std), "in_channels": self.in_channels, "digit_style": self.digit_style,
+                "native_size": self.native_size}
+
+
+# --------------------------------------------------------------------------------------- IDX files
+
+def _read_maybe_gz(path):
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise DataError(f"{path}: the gzip stream is corrupt or truncated ({e}); replace the file")
+    return raw
+
+
+def read_idx(path, expect_dims):
+    """Parse an IDX file (gzipped or not): magic 0x0000 08 0D, then big-endian sizes, then bytes."""
+    raw = _read_maybe_gz(path)
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"{path}: not an IDX file of unsigned bytes (bad magic number); replace the file")
+    dims = raw[3]
+    if dims != expect_dims:
+        raise DataError(f"{path}: has {dims} dimensions, expected {expect_dims} "
+                        f"({'images' if expect_dims == 3 else 'labels'} file); check the file names")
+    header = 4 + 4 * dims
+    if len(raw) < header:
+        raise DataError(f"{path}: truncated header; replace the file")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims))
+    need = int(np.prod(shape))
+    if len(raw) - header != need:
+        raise DataError(f"{path}: holds {len(raw) - header} data bytes but its header says {need} "
+                        f"(shape {shape}); the file is truncated or corrupt")
+    return torch.from_numpy(np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape).copy())
+
+
+def _find(folder, base):
+    for name in (base, base + ".gz"):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def load_idx_split(raw_dir, train):
+    """(images (N,1,28,28) uint8, labels (N,) int64) from the two IDX files of one split."""
+    img_path, lbl_path = (_find(raw_dir, b) for b in IDX_FILES[train])
+    images = read_idx(img_path, 3)
+    labels = read_idx(lbl_path, 1).long()
+    if images.shape[0] != labels.shape[0]:
+        raise DataError(f"{img_path} holds {images.shape[0]} images but {lbl_path} holds {labels.shape[0]} "
+                        f"labels; the two files must come from the same split")
+    if labels.numel() and int(labels.max()) > 9:
+        raise DataError(f"{lbl_path}: label {int(labels.max())} is outside 0..9; replace the file")
+    return images.unsqueeze(1), labels
+
+
+def _idx_missing(raw_dir):
+    return [b for t in (True, False) for b in IDX_FILES[t] if _find(raw_dir, b) is None]
+
+
+# -------------------------------------------------------------------------------------- CIFAR-10
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """CIFAR batches are pickles; allow only the numpy pieces they need, so a file cannot run code."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"forbidden global {module}.{name}")
+
+
+def _read_cifar_batch(path):
+    try:
+        with open(path, "rb") as f:
+            d = _NumpyOnlyUnpickler(f, encoding="bytes").load()
+    except Exception as e:
+        raise DataError(f"{path}: not a readable CIFAR-10 batch ({type(e).__name__}: {e}); replace the file")
+    if not isinstance(d, dict):
+        raise DataError(f"{path}: not a CIFAR-10 batch (expected a dict); replace the file")
+    d = {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
+    return d
+
+
+def load_cifar_split(folder, train):
+    images, labels = [], []
+    for name in (CIFAR_FILES[:5] if train else ["test_batch"]):
+        path = os.path.join(folder, name)
+        d = _read_cifar_batch(path)
+        if "data" not in d or "labels" not in d:
+            raise DataError(f"{path}: has no 'data'/'labels' entries; replace the file")
+        data = np.asarray(d["data"], dtype=np.uint8)
+        lab = np.asarray(d["labels"], dtype=np.int64)
+        if data.ndim != 2 or data.shape[1] != 3072:
+            raise DataError(f"{path}: 'data' has shape {data.shape}, expected (N, 3072); the file is corrupt")
+        if data.shape[0] != lab.shape[0]:
+            raise DataError(f"{path}: {data.shape[0]} images but {lab.shape[0]} labels; the file is corrupt")
+        if lab.size and (lab.min() < 0 or lab.max() > 9):
+            raise DataError(f"{path}: labels outside 0..9; the file is corrupt")
+        images.append(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()))
+        labels.append(torch.from_numpy(lab))
+    return torch.cat(images), torch.cat(labels)
+
+
+def _extract_cifar_tar(data_root):
+    """Unpack cifar-10-python.tar.gz when only the archive is there (members checked first)."""
+    archive = os.path.join(data_root, "cifar-10-python.tar.gz")
+    if not os.path.isfile(archive):
+        return
+    try:
+        with tarfile.open(archive) as tar:
+            members = [m for m in tar.getmembers() if m.isfile()
+                       and os.path.basename(m.name) in CIFAR_FILES and ".." not in m.name and not m.name.startswith("/")]
+            for m in members:
+                m.name = os.path.join("cifar-10-batches-py", os.path.basename(m.name))
+                tar.extract(m, data_root)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise DataError(f"{archive}: cannot unpack ({e}); replace the archive")
+
+
+# ---------------------------------------------------------------------------------- folder dataset
+
+def _decode(path, size):
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB").resize((size, size), Image.BILINEAR)
+            return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+    except Exception as e:
+        raise DataError(f"{path}: not a readable image ({e}); remove or replace it")
+
+
+def load_folder_split(root, split, size, num_workers, classes=None):
+    folder = os.path.join(root, split)
+    if not os.path.isdir(folder):
+        raise DataError(f"data.dataset=folder needs {folder}/<class>/<image> files; create the folder "
+                        f"or set data.data_root to the folder that holds train/ and test/")
+    found = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+    classes = classes or found
+    if not classes:
+        raise DataError(f"{folder} has no class sub-folders; put images in {folder}/<class>/")
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise DataError(f"{folder} has classes {unknown} that are not in train/; use the same class folders")
+    items = [(os.path.join(folder, c, f), i) for i, c in enumerate(classes) if os.path.isdir(os.path.join(folder, c))
+             for f in sorted(os.listdir(os.path.join(folder, c))) if f.lower().endswith(IMAGE_EXTS)]
+    if not items:
+        raise DataError(f"{folder} holds no images ({', '.join(IMAGE_EXTS)}); add some")
+    workers = num_workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool:
+        arrays = list(pool.map(lambda it: _decode(it[0], size), items))
+    return torch.from_numpy(np.stack(arrays)), torch.tensor([i for _, i in items]), classes
+
+
+# -------------------------------------------------------------------------------------- loading
+
+def _try_download(dataset, data_root, logger):
+    import torchvision.datasets as tvd
+
+    cls = {"mnist": tvd.MNIST, "fashion_mnist": tvd.FashionMNIST, "cifar10": tvd.CIFAR10}[dataset]
+    if logger:
+        logger.info(f"{dataset}: files missing under {data_root}; trying torchvision's download")
+    try:
+        for train in (True, False):
+            cls(data_root, train=train, download=True)
+        return True
+    except Exception as e:
+        if logger:
+            logger.warning(f"{dataset}: download failed ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
+        return False
+
+
+def load_raw(dataset, data_root, download=True, image_size=28, num_workers=0, logger=None):
+    """Both splits of a dataset as CPU uint8 tensors: (train_x, train_y, test_x, test_y, info)."""
+    if dataset == "folder":
+        tx, ty, classes = load_folder_split(data_root, "train", image_size, num_workers)
+        vx, vy, _ = load_folder_split(data_root, "test", image_size, num_workers, classes)
+        mean = tuple((tx.float().mean(dim=(0, 2, 3)) / 255).tolist())
+        std = tuple((tx.float().std(dim=(0, 2, 3)) / 255).clamp_min(1e-3).tolist())
+        return tx, ty, vx, vy, DataInfo("folder", classes, mean, std, 3, False, image_size)
+    folder, classes, mean, std, channels, digit_style = DATASETS[dataset]
+    if dataset == "cifar10":
+        where = os.path.join(data_root, folder)
+        missing = lambda: [f for f in CIFAR_FILES if not os.path.isfile(os.path.join(where, f))]  # noqa: E731
+        if missing():
+            _extract_cifar_tar(data_root)
+        if missing() and download:
+            _try_download(dataset, data_root, logger)
+        if missing():
+            raise DataError(f"cifar10: missing {', '.join(missing())} in {where}/ (no network to download); "
+                            f"copy the CIFAR-10 python batches there, or cifar-10-python.tar.gz into {data_root}/")
+        tx, ty = load_cifar_split(where, True)
+        vx, vy = load_cifar_split(where, False)
+        return tx, ty, vx, vy, DataInfo(dataset, classes, mean, std, channels, digit_style, 32)
+    where = os.path.join(data_root, folder, "raw")
+    if _idx_missing(where) and download:
+        _try_download(dataset, data_root, logger)
+    if _idx_missing(where):
+        raise DataError(f"{dataset}: missing {', '.join(_idx_missing(where))} (each may be .gz) in {where}/ "
+                        f"(no network to download); copy the four IDX files there")
+    tx, ty = load_idx_split(where, True)
+    vx, vy = load_idx_split(where, False)
+    for path_base, x in ((IDX_FILES[True][0], tx), (IDX_FILES[False][0], vx)):
+        if tuple(x.shape[2:]) != (28, 28):
+            raise DataError(f"{os.path.join(where, path_base)}: images are {tuple(x.shape[2:])}, expected (28, 28)")
+    return tx, ty, vx, vy, DataInfo(dataset, classes, mean, std, channels, digit_style, 28)
+
+
+def load_data(dcfg, image_size, device, logger=None):
+    """(train Split, test Split, DataInfo), limited to the first N images and moved to `device`."""
+    tx, ty, vx, vy, info = load_raw(dcfg.dataset, dcfg.data_root, dcfg.download, image_size, dcfg.num_workers, logger)
+    if dcfg.train_limit:
+        tx, ty = tx[:dcfg.train_limit], ty[:dcfg.train_limit]
+    if dcfg.test_limit:
+        vx, vy = vx[:dcfg.test_limit], vy[:dcfg.test_limit]
+    to = lambda t: t.to(device, non_blocking=True).contiguous()  # noqa: E731
+    return Split(to(tx), to(ty)), Split(to(vx), to(vy)), info
+
+
+# --------------------------------------------------------------------------------- batch transforms
+
+def normalize(x, mean, std, image_size):
+    """uint8 (B, C, H, W) -> float (B, C, S, S): scale, resize on the device if needed, standardise."""
+    x = x.float().div_(255.0)
+    if x.shape[-1] != image_size or x.shape[-2] != image_size:
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=False)
+    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    return x.sub_(m).div_(s)
+
+
+def random_shift(x, pad, offsets):
+    """Shift each image by its own offset (dy, dx) in [0, 2*pad] of the zero-padded image: a
+    random crop of the whole batch with two gathers and no Python loop. uint8 in, uint8 out."""
+    B, C, H, W = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))  # (B, C, H+2p, W+2p)
+    off = offsets.to(x.device)
+    rows = (off[0].view(B, 1) + torch.arange(H, device=x.device)).view(B, 1, H, 1)
+    padded = padded.gather(2, rows.expand(B, C, H, W + 2 * pad))  # (B, C, H, W+2p)
+    cols = (off[1].view(B, 1) + torch.arange(W, device=x.device)).view(B, 1, 1, W)
+    return padded.gather(3, cols.expand(B, C, H, W))
+
+
+def augment(x, gen, dcfg, digit_style, lo=0, total=None):
+    """Whole-batch training augmentation on uint8 images.
+
+    The random numbers are drawn on a CPU generator for the whole global batch of `total`
+    images and this rank takes rows lo:lo+len(x), so the result does not depend on the device
+    or on how the global batch is split across ranks."""
+    if not dcfg.augment:
+        return x
+    B, total = x.shape[0], total or x.shape[0]
+    pad = dcfg.translate if digit_style else dcfg.crop_padding
+    if pad:
+        x = random_shift(x, pad, torch.randint(0, 2 * pad + 1, (2, total), generator=gen)[:, lo:lo + B])
+    if dcfg.hflip and not digit_style:
+        flip = (torch.rand(total, generator=gen) < 0.5)[lo:lo + B].to(x.device).view(B, 1, 1, 1)
+        x = torch.where(flip, x.flip(-1), x)
+    return x
+
+
+def batch_generator(seed, epoch, step):
+    """The augmentation RNG of one global batch, derived from (seed, epoch, step) alone, so a
+    run resumed mid-epoch draws exactly what the uninterrupted run drew."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch * 100_003 + step) % (2**63))
+
+
+def epoch_permutation(n, seed, epoch, device):
+    """The training order of one epoch, from (seed, epoch): the same on every rank and world size."""
+    g = torch.Generator().manual_seed(seed * 7919 + epoch)
+    return torch.randperm(n, generator=g).to(device)
+
+
+def shard_bounds(n, rank, world_size):
+    """Contiguous, disjoint shards that cover all n items exactly once (sizes differ by <= 1)."""
+    return n * rank // world_size, n * (rank + 1) // world_size

@@ -1,0 +1,157 @@
+import gzip
+import os
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import ROOT, idx_bytes, write_cifar_set, write_idx_set
+from data import (DataError, augment, batch_generator, epoch_permutation, load_raw, normalize, read_idx,
+                  shard_bounds)
+
+
+def aug_cfg(**kw):
+    base = {"augment": True, "translate": 2, "crop_padding": 4, "hflip": True}
+    base.update(kw)
+    return OmegaConf.create(base)
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_set_loads_gzipped_or_not(tmp_path, gz):
+    tx, ty, vx, vy = write_idx_set(str(tmp_path / "MNIST" / "raw"), gz=gz)
+    a, b, c, d, info = load_raw("mnist", str(tmp_path), download=False)
+    assert a.shape == (640, 1, 28, 28) and a.dtype == torch.uint8 and c.shape == (200, 1, 28, 28)
+    assert torch.equal(a[:, 0], torch.from_numpy(tx)) and torch.equal(b, torch.from_numpy(ty).long())
+    assert info.classes[3] == "3" and info.digit_style
+
+
+def test_regzipped_fashion_files_load_without_md5(tmp_path):
+    """Re-packed archives have other checksums than upstream; they are checked by parsing."""
+    raw = tmp_path / "FashionMNIST" / "raw"
+    write_idx_set(str(raw), gz=False)
+    for name in os.listdir(raw):
+        data = (raw / name).read_bytes()
+        (raw / (name + ".gz")).write_bytes(gzip.compress(data, compresslevel=1, mtime=12345))
+        (raw / name).unlink()
+    a, b, _, _, info = load_raw("fashion_mnist", str(tmp_path), download=False)
+    assert len(a) == 640 and info.classes[0] == "T-shirt/top"
+
+
+def test_truncated_idx_names_the_file(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    write_idx_set(str(raw), gz=False)
+    path = raw / "train-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.*truncated"):
+        load_raw("mnist", str(tmp_path), download=False)
+
+
+def test_count_mismatch_and_bad_magic(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    write_idx_set(str(raw), gz=False)
+    (raw / "train-labels-idx1-ubyte").write_bytes(idx_bytes(np.zeros(639, np.uint8)))
+    with pytest.raises(DataError, match="640 images but .* 639 labels"):
+        load_raw("mnist", str(tmp_path), download=False)
+    (raw / "train-labels-idx1-ubyte").write_bytes(b"PK\x03\x04junk")
+    with pytest.raises(DataError, match="bad magic"):
+        read_idx(str(raw / "train-labels-idx1-ubyte"), 1)
+
+
+def test_missing_files_are_listed_with_the_folder(tmp_path):
+    with pytest.raises(DataError) as e:
+        load_raw("mnist", str(tmp_path), download=False)
+    msg = str(e.value)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        assert name in msg
+    assert os.path.join(str(tmp_path), "MNIST", "raw") in msg
+
+
+def test_cifar_batches_load_and_truncation_is_reported(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    write_cifar_set(str(folder))
+    a, b, c, d, info = load_raw("cifar10", str(tmp_path), download=False)
+    assert a.shape == (320, 3, 32, 32) and c.shape == (100, 3, 32, 32) and info.in_channels == 3
+    p = folder / "data_batch_3"
+    p.write_bytes(p.read_bytes()[:500])
+    with pytest.raises(DataError, match="data_batch_3"):
+        load_raw("cifar10", str(tmp_path), download=False)
+
+
+def test_cifar_pickle_cannot_run_code(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    write_cifar_set(str(folder))
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+    import pickle
+    (folder / "test_batch").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(DataError, match="test_batch"):
+        load_raw("cifar10", str(tmp_path), download=False)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_folder_dataset(tmp_path):
+    from PIL import Image
+    for split, n in (("train", 6), ("test", 2)):
+        for cls, color in (("cats", (200, 10, 10)), ("dogs", (10, 10, 200))):
+            d = tmp_path / split / cls
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (40 + i, 30), color).save(d / f"{i}.png")
+    a, b, c, d, info = load_raw("folder", str(tmp_path), image_size=16)
+    assert a.shape == (12, 3, 16, 16) and c.shape == (4, 3, 16, 16) and info.classes == ["cats", "dogs"]
+    assert b.tolist() == [0] * 6 + [1] * 6
+
+
+def test_augment_keeps_shape_dtype_and_ink():
+    x = torch.zeros(16, 1, 28, 28, dtype=torch.uint8)
+    x[:, :, 10:18, 10:18] = 200  # ink well inside the 2-pixel shift range
+    out = augment(x, batch_generator(0, 1, 0), aug_cfg(), digit_style=True)
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    assert torch.equal(out.float().sum((1, 2, 3)), x.float().sum((1, 2, 3)))
+    assert not torch.equal(out, x)  # 16 images, some shifted
+    rgb = torch.randint(0, 255, (8, 3, 32, 32), dtype=torch.uint8)
+    out = augment(rgb, batch_generator(0, 1, 0), aug_cfg(), digit_style=False)
+    assert out.shape == rgb.shape and out.dtype == torch.uint8
+    assert torch.equal(augment(rgb, None, aug_cfg(augment=False), False), rgb)
+
+
+def test_augment_slice_matches_global_batch():
+    """A rank's part of the global batch gets exactly what a single process would give it."""
+    x = torch.randint(0, 255, (8, 3, 32, 32), dtype=torch.uint8)
+    whole = augment(x, batch_generator(1, 2, 3), aug_cfg(), False)
+    half = augment(x[4:], batch_generator(1, 2, 3), aug_cfg(), False, lo=4, total=8)
+    assert torch.equal(whole[4:], half)
+
+
+def test_normalize_resizes_on_device():
+    x = torch.full((2, 3, 32, 32), 255, dtype=torch.uint8)
+    y = normalize(x, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 64)
+    assert y.shape == (2, 3, 64, 64) and torch.allclose(y, torch.ones_like(y))
+
+
+def test_shards_cover_each_item_once():
+    for n in (1001, 7, 10000):
+        for world in (1, 2, 3, 8):
+            seen = []
+            for r in range(world):
+                lo, hi = shard_bounds(n, r, world)
+                seen += list(range(lo, hi))
+            assert seen == list(range(n))
+
+
+def test_epoch_permutation_depends_on_seed_and_epoch_only():
+    a = epoch_permutation(100, 1, 2, "cpu")
+    assert torch.equal(a, epoch_permutation(100, 1, 2, "cpu")) and not torch.equal(a, epoch_permutation(100, 1, 3, "cpu"))
+    assert sorted(a.tolist()) == list(range(100))
+
+
+def test_shipped_mnist_is_the_real_one():
+    raw = os.path.join(ROOT, "data", "MNIST", "raw")
+    if not os.path.isfile(os.path.join(raw, "train-images-idx3-ubyte.gz")):
+        pytest.skip("shipped MNIST not present")
+    tx, ty, vx, vy, info = load_raw("mnist", os.path.join(ROOT, "data"), download=False)
+    assert (len(tx), len(vx)) == (60000, 10000)
+    assert torch.bincount(ty).min() > 5000

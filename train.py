@@ -1,0 +1,765 @@
+"""Train (or evaluate) a ViT on MNIST, Fashion-MNIST, CIFAR-10 or an image folder.
+
+    python train.py [--config FILE] [key.sub=value ...]       one process, device auto-selected
+    python train.py --num-gpus N [...]                         N local workers (train.device=cpu: N CPU workers)
+    torchrun --nproc_per_node N train.py [...]                 env:// rendezvous; a PyTorchJob pod works the same
+    python train.py --eval --checkpoint PATH [...]             evaluate a checkpoint on the test split
+
+One code path serves every world size: the data is sharded by rank, metrics are all-reduced
+sums, and only rank 0 writes files.
+"""
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from data import augment, batch_generator, epoch_permutation, load_data, normalize, shard_bounds
+from model import build_model, final_weights_name, model_args_from_config, strip_prefixes
+from utils import (UserError, append_line, atomic_write_bytes, epoch_ckpt_name, find_resume_checkpoint,
+                   get_rng_state, load_checkpoint, load_config, prune_checkpoints, serialize, set_rng_state,
+                   seed_everything, setup_logging, timestamp, to_plain, write_metrics)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Train or evaluate a Vision Transformer. Config keys are "
+                                "overridden as key.sub=value after the flags (see config.yaml).")
+    p.add_argument("--config", default=None, help="YAML layered on config.yaml (default: config.yaml alone)")
+    p.add_argument("--num-gpus", type=int, default=0, metavar="N",
+                   help="spawn N local workers, one per GPU; with train.device=cpu, N CPU workers on gloo (default: 0, one process)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--no-cuda", action="store_true", help="do not use CUDA (as train.device=cpu when device is auto)")
+    p.add_argument("--no-mps", action="store_true", help="do not use Apple MPS when device is auto")
+    p.add_argument("--eval", action="store_true", help="evaluate --checkpoint on the test split, no training")
+    p.add_argument("--checkpoint", default=None, help="checkpoint for --eval (default: newest final weights)")
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.epochs=3 model.dim=128")
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------ device, processes
+
+def dist_env(args=None):
+    """(rank, world_size, local_rank) from torchrun's / the PyTorchJob operator's variables.
+    A PyTorchJob pod sets no LOCAL_RANK: one process per pod, so it is 0."""
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local = os.environ.get("LOCAL_RANK")
+    if local is None and args is not None and args.local_rank is not None:
+        local = args.local_rank
+    return rank, world, int(local or 0)
+
+
+def resolve_device(choice, no_mps=False, local_rank=0):
+    mps_ok = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if choice == "auto":
+        if torch.cuda.is_available():
+            choice = "cuda"
+        elif mps_ok and not no_mps:
+            choice = "mps"
+        else:
+            choice = "cpu"
+    if choice == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("train.device=cuda but no CUDA GPU is visible to PyTorch; use train.device=auto or "
+                            "train.device=cpu (or install a CUDA build of torch)")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    if choice == "mps":
+        if not mps_ok:
+            raise UserError("train.device=mps but Apple MPS is not available here; use train.device=auto or cpu")
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_backend(choice, device):
+    if choice != "auto":
+        return choice
+    return "nccl" if device.type == "cuda" and sys.platform.startswith("linux") else "gloo"
+
+
+def init_distributed(cfg, device, rank, world):
+    if world == 1:
+        return
+    if device.type == "mps":
+        raise UserError("MPS cannot run more than one process; use one process, or train.device=cpu with --num-gpus N")
+    if sys.platform == "win32":
+        os.environ.setdefault("USE_LIBUV", "0")  # torch >= 2.4 defaults to libuv, which Windows builds lack
+    backend = pick_backend(cfg.distributed.backend, device)
+    if backend == "nccl" and device.type != "cuda":
+        raise UserError("distributed.backend=nccl needs CUDA; use distributed.backend=gloo for CPU workers")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=cfg.distributed.timeout_s))
+
+
+def all_reduce_(tensor, world):
+    if world > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+class StopSignal:
+    """SIGTERM/SIGINT set a flag; the loop stops at the next step boundary that all ranks agree on,
+    saves a resumable checkpoint and exits 0. A second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def install(self):
+        def handler(signum, frame):
+            if self.requested and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.requested = True
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, handler)
+
+    def uninstall(self):
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+
+    def agreed(self, device, world):
+        if world == 1:
+            return self.requested
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+# -------------------------------------------------------------------------------------- optimisation
+
+def param_groups(model, weight_decay):
+    """Weight decay on weight matrices and conv kernels only: never on norms, biases, the CLS token
+    or position embeddings."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_embedding = any(k in name for k in ("pos_embed", "cls_token", "class_token", "pos_embedding"))
+        (no_decay if p.ndim < 2 or is_embedding else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model, tcfg, lr, device):
+    groups = param_groups(model, tcfg.weight_decay)
+    if tcfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=tcfg.momentum, nesterov=tcfg.momentum > 0)
+    cls = torch.optim.AdamW if tcfg.optimizer == "adamw" else torch.optim.Adam
+    extra = {"fused": True} if device.type == "cuda" else {}
+    return cls(groups, lr=lr, amsgrad=tcfg.amsgrad, **extra)
+
+
+def lr_factor(step, total_steps, steps_per_epoch, tcfg):
+    """LR multiplier at optimizer step `step` (0-based): linear warmup, then the schedule."""
+    warmup = int(round(tcfg.warmup_epochs * steps_per_epoch))
+    if step < warmup:
+        return (step + 1) / warmup
+    t, span = step - warmup, max(1, total_steps - warmup)
+    floor = tcfg.min_lr_ratio
+    if tcfg.scheduler == "cosine":
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(t, span) / span))
+    if tcfg.scheduler == "cosine_restarts":
+        cycle = max(1, int(round(tcfg.restart_epochs * steps_per_epoch)))
+        while t >= cycle:
+            t -= cycle
+            cycle *= tcfg.restart_mult
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t / cycle))
+    if tcfg.scheduler == "step":
+        return tcfg.gamma ** int(t // max(1, round(tcfg.step_epochs * steps_per_epoch)))
+    return 1.0
+
+
+class Schedule:
+    """Sets the learning rate per optimizer step from lr_factor(); its state is the step count."""
+
+    def __init__(self, optimizer, base_lr, total_steps, steps_per_epoch, tcfg):
+        self.optimizer, self.base_lr, self.total, self.spe, self.tcfg = optimizer, base_lr, total_steps, steps_per_epoch, tcfg
+        self.step_count = 0
+        self._apply()
+
+    def _apply(self):
+        lr = self.base_lr * lr_factor(self.step_count, self.total, self.spe, self.tcfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def step(self):
+        self.step_count += 1
+        self._apply()
+
+    def lr(self):
+        return self.optimizer.param_groups[0]["lr"]
+
+    def state_dict(self):
+        return {"step_count": self.step_count}
+
+    def load_state_dict(self, state):
+        self.step_count = int(state["step_count"])
+        self._apply()
+
+
+def amp_dtype_for(choice, device):
+    if choice == "off" or (choice == "auto" and device.type != "cuda"):
+        return None
+    if choice == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if choice == "bf16" else torch.float16
+
+
+# ------------------------------------------------------------------------------------- train / eval
+
+@dataclass
+class RunCtx:
+    """What stays fixed for a run."""
+    cfg: object
+    device: torch.device
+    rank: int
+    world: int
+    info: object
+    amp_dtype: object
+    steps_per_epoch: int
+    logger: object
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint must hold to continue exactly."""
+    epoch: int = 0                # completed epochs
+    step: int = 0                 # batches done in the epoch in progress
+    sums: list = field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss*n, correct, n of that epoch so far
+    partial_time: float = 0.0     # training seconds already spent in the epoch in progress
+    history: list = field(default_factory=list)
+    best_val_acc: float = -1.0
+    bad_epochs: int = 0
+
+
+def train_one_epoch(model, optimizer, schedule, scaler, split, ctx, state, stop, bar=None):
+    """Train from state.step to the end of epoch state.epoch+1. Returns True if stopped early by a
+    signal (at an optimizer-step boundary). Metrics stay on the device until the epoch ends."""
+    cfg, tcfg, dev = ctx.cfg, ctx.cfg.train, ctx.device
+    epoch, b = state.epoch + 1, tcfg.batch_size
+    G = b * ctx.world
+    perm = epoch_permutation(len(split), tcfg.seed, epoch, dev)
+    lo = ctx.rank * b
+    fdtype = torch.float32 if dev.type == "mps" else torch.float64
+    sums = torch.zeros(3, device=dev, dtype=fdtype)
+    if ctx.rank == 0:
+        sums += torch.tensor(state.sums, device=dev, dtype=fdtype)
+    ddp = hasattr(model, "no_sync")
+    for step in range(state.step, ctx.steps_per_epoch):
+        idx = perm[step * G + lo: step * G + lo + b]
+        x = augment(split.images[idx], batch_generator(tcfg.seed, epoch, step), cfg.data, ctx.info.digit_style, lo, G)
+        x = normalize(x, ctx.info.mean, ctx.info.std, cfg.model.image_size)
+        y = split.labels[idx]
+        boundary = (step + 1) % tcfg.grad_accum == 0 or step + 1 == ctx.steps_per_epoch
+        with model.no_sync() if ddp and not boundary else contextlib.nullcontext():
+            with torch.autocast(dev.type, dtype=ctx.amp_dtype or torch.float32, enabled=ctx.amp_dtype is not None):
+                logits = model(x)
+                loss = F.cross_entropy(logits, y, label_smoothing=tcfg.label_smoothing)
+            scaler.scale(loss / tcfg.grad_accum).backward()
+        with torch.no_grad():
+            sums += torch.stack([loss.detach().to(fdtype) * y.numel(), (logits.argmax(1) == y).sum().to(fdtype),
+                                 torch.tensor(float(y.numel()), device=dev, dtype=fdtype)])
+        if boundary:
+            if tcfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            schedule.step()
+        state.step = step + 1
+        at_interval = (step + 1) % tcfg.log_interval == 0
+        if bar is not None and at_interval:
+            bar.update(tcfg.log_interval)
+            bar.set_postfix(loss=f"{(sums[0] / sums[2].clamp_min(1)).item():.4f}", lr=f"{schedule.lr():.2e}")
+        if boundary and (ctx.world == 1 or at_interval) and stop.agreed(dev, ctx.world):
+            state.sums = all_reduce_(sums, ctx.world).tolist()
+            return True
+    state.sums = all_reduce_(sums, ctx.world).tolist()
+    return False
+
+
+@torch.no_grad()
+def evaluate(model, split, ctx, image_size, eval_batch_size):
+    """Loss, accuracy and confusion matrix over the whole split: each rank takes a disjoint
+    contiguous shard and the sums are all-reduced, so every image counts exactly once."""
+    was_training = model.training
+    model.eval()
+    dev, C = ctx.device, len(ctx.info.classes)
+    lo, hi = shard_bounds(len(split), ctx.rank, ctx.world)
+    loss_sum = torch.zeros(1, device=dev, dtype=torch.float32 if dev.type == "mps" else torch.float64)
+    confusion = torch.zeros(C * C, device=dev, dtype=torch.int64)
+    for i in range(lo, hi, eval_batch_size):
+        j = min(hi, i + eval_batch_size)
+        x = normalize(split.images[i:j], ctx.info.mean, ctx.info.std, image_size)
+        y = split.labels[i:j]
+        with torch.autocast(dev.type, dtype=ctx.amp_dtype or torch.float32, enabled=ctx.amp_dtype is not None):
+            logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").to(loss_sum.dtype)
+        confusion += torch.bincount(y * C + logits.argmax(1), minlength=C * C)
+    all_reduce_(loss_sum, ctx.world)
+    all_reduce_(confusion, ctx.world)
+    model.train(was_training)
+    confusion = confusion.view(C, C).cpu()
+    n = int(confusion.sum())
+    return {"loss": float(loss_sum.item()) / max(n, 1), "acc": float(confusion.diag().sum()) / max(n, 1),
+            "n": n, "confusion": confusion}
+
+
+# ------------------------------------------------------------------------------------------ outputs
+
+def plot_curves(history, path):
+    """Loss, accuracy and lr against epoch, written atomically."""
+    import io
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [r["epoch"] for r in history]
+    fig, ax = plt.subplots(1, 3, figsize=(14, 4))
+    ax[0].plot(ep, [r["train_loss"] for r in history], "o-", label="train")
+    ax[0].plot(ep, [r["val_loss"] for r in history], "o-", label="val")
+    ax[0].set_title("loss")
+    ax[1].plot(ep, [r["train_acc"] for r in history], "o-", label="train")
+    ax[1].plot(ep, [r["val_acc"] for r in history], "o-", label="val")
+    ax[1].set_title("accuracy")
+    ax[2].plot(ep, [r["lr"] for r in history], "o-")
+    ax[2].set_title("learning rate (end of epoch)")
+    for a in ax:
+        a.set_xlabel("epoch")
+        a.grid(alpha=0.3)
+    ax[0].legend()
+    ax[1].legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_confusion(confusion, classes, title, path):
+    import io
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    C = len(classes)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * C, 0.8 + 0.6 * C))
+    ax.imshow(confusion.numpy(), cmap="Blues")
+    for i in range(C):
+        for j in range(C):
+            v = int(confusion[i, j])
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=7,
+                    color="white" if v > confusion.max() / 2 else "black")
+    ax.set_xticks(range(C), classes, rotation=45, ha="right")
+    ax.set_yticks(range(C), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+class Loggers:
+    """metrics.jsonl, TensorBoard and SwanLab, on rank 0 only."""
+
+    def __init__(self, cfg, logger, enabled):
+        self.enabled, self.tb, self.swan = enabled, None, None
+        self.metrics_path = os.path.join(cfg.log.dir, "metrics.jsonl")
+        if not enabled:
+            return
+        if cfg.log.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(os.path.join(cfg.log.dir, "tensorboard"))
+            except ImportError:
+                logger.warning("log.tensorboard=true but tensorboard is not installed; pip install tensorboard, "
+                               "or set log.tensorboard=false")
+        if cfg.log.swanlab:
+            try:
+                import swanlab
+                self.swan = swanlab.init(project=cfg.log.swanlab_project, config=to_plain(cfg))
+            except ImportError:
+                logger.warning("log.swanlab=true but swanlab is not installed; pip install swanlab, or set log.swanlab=false")
+
+    def epoch(self, record):
+        if not self.enabled:
+            return
+        append_line(self.metrics_path, json.dumps(record))
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "epoch" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, record["epoch"])
+            self.tb.flush()
+        if self.swan is not None:
+            import swanlab
+            swanlab.log({k: v for k, v in record.items() if k != "epoch"}, step=record["epoch"])
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+# -------------------------------------------------------------------------------------- checkpoints
+
+def training_checkpoint(model, optimizer, schedule, scaler, state, ctx, model_args, rng_states):
+    return {"format": 1, "model": strip_prefixes(model.state_dict()), "model_args": model_args,
+            "data_info": ctx.info.to_dict(), "config": to_plain(ctx.cfg), "optimizer": optimizer.state_dict(),
+            "scheduler": schedule.state_dict(), "scaler": scaler.state_dict(), "epoch": state.epoch,
+            "step_in_epoch": state.step, "epoch_sums": list(state.sums), "partial_time": state.partial_time,
+            "history": list(state.history), "best_val_acc": state.best_val_acc, "bad_epochs": state.bad_epochs,
+            "rng": rng_states, "world_size": ctx.world}
+
+
+def weights_checkpoint(model, state, ctx, model_args):
+    """Self-describing weights (best, final): enough for infer.py and --eval, nothing to resume."""
+    return {"format": 1, "model": strip_prefixes(model.state_dict()), "model_args": model_args,
+            "data_info": ctx.info.to_dict(), "config": to_plain(ctx.cfg), "epoch": state.epoch,
+            "history": list(state.history)}
+
+
+def gather_rng(ctx):
+    """Every rank's RNG state (dropout draws differ per rank), gathered to all ranks."""
+    mine = get_rng_state(ctx.device)
+    if ctx.world == 1:
+        return [mine]
+    out = [None] * ctx.world
+    dist.all_gather_object(out, mine)
+    return out
+
+
+def resume_requested(cfg):
+    """True / False / 'auto' -> whether to look for a checkpoint. A torchrun restart (after a
+    worker died) always resumes, or its epochs would be run twice."""
+    mode = cfg.checkpoint.resume
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+    return mode is True or mode == "auto" or restarted, mode is True
+
+
+def try_resume(cfg, ctx, model, optimizer, schedule, scaler, state):
+    """Load the newest valid checkpoint (rank 0 picks it; all ranks load the same file)."""
+    wanted, required = resume_requested(cfg)
+    if not wanted:
+        return None
+    found = find_resume_checkpoint(cfg.checkpoint.dir, cfg.checkpoint.resume_epoch, ctx.logger) if ctx.rank == 0 else None
+    path = found[0] if found else None
+    if ctx.world > 1:
+        box = [path]
+        dist.broadcast_object_list(box, src=0)
+        path = box[0]
+    if path is None:
+        if required:
+            raise UserError(f"checkpoint.resume=true but {cfg.checkpoint.dir} holds no readable checkpoint; "
+                            f"train without checkpoint.resume=true, or set checkpoint.dir")
+        return None
+    ckpt = found[1] if found else load_checkpoint(path)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    schedule.load_state_dict(ckpt["scheduler"])
+    scaler.load_state_dict(ckpt["scaler"])
+    state.epoch, state.step = int(ckpt["epoch"]), int(ckpt["step_in_epoch"])
+    state.sums = list(ckpt["epoch_sums"]) if ctx.rank == 0 else [0.0, 0.0, 0.0]
+    state.partial_time = float(ckpt["partial_time"])
+    state.history, state.best_val_acc = list(ckpt["history"]), float(ckpt["best_val_acc"])
+    state.bad_epochs = int(ckpt["bad_epochs"])
+    rng = ckpt.get("rng") or []
+    if len(rng) == ctx.world:
+        set_rng_state(rng[ctx.rank], ctx.device)
+    else:
+        seed_everything(cfg.train.seed + 1000 * state.epoch + ctx.rank)
+    if ctx.world != int(ckpt.get("world_size", 1)):
+        ctx.logger.info(f"checkpoint was written by {ckpt.get('world_size')} rank(s); continuing on {ctx.world}")
+    return path
+
+
+# --------------------------------------------------------------------------------------------- run
+
+def setup(cfg, args, rank, world, local_rank):
+    """Process group, device, logging, threads. Returns (device, logger)."""
+    device = resolve_device(cfg.train.device, args.no_mps, local_rank)
+    init_distributed(cfg, device, rank, world)
+    logger = setup_logging(cfg.log.dir, rank, cfg.log.level)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if device.type == "cpu" and local_world > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))  # no oversubscription
+    return device, logger
+
+
+def run_eval(cfg, args, rank, world, local_rank):
+    from utils import newest_final
+
+    path = args.checkpoint or newest_final(cfg.checkpoint.dir)
+    if path is None:
+        raise UserError(f"--eval needs --checkpoint PATH (no *_final.pth in {cfg.checkpoint.dir})")
+    ckpt = load_checkpoint(path)
+    device, logger = setup(cfg, args, rank, world, local_rank)
+    info_d, margs = ckpt["data_info"], ckpt["model_args"]
+    from omegaconf import OmegaConf
+    dcfg = OmegaConf.merge(cfg.data, {"dataset": info_d["dataset"], "train_limit": 1})
+    _, test, info = load_data(dcfg, margs["image_size"], device, logger)
+    info.mean, info.std, info.classes = tuple(info_d["mean"]), tuple(info_d["std"]), info_d["classes"]
+    model = build_model(margs).to(device)
+    model.load_state_dict(strip_prefixes(ckpt["model"]))
+    ctx = RunCtx(cfg, device, rank, world, info, amp_dtype_for(cfg.train.amp, device), 0, logger)
+    res = evaluate(model, test, ctx, margs["image_size"], cfg.train.eval_batch_size)
+    if rank == 0:
+        print(f"Checkpoint: {path}")
+        print(f"Total Samples: {res['n']}")
+        print(f"Global Average Loss: {res['loss']:.4f}")
+        print(f"Global Accuracy: {100 * res['acc']:.2f}%")
+        cm = res["confusion"]
+        for c, name in enumerate(info.classes):
+            total = int(cm[c].sum())
+            acc = f"{100 * int(cm[c, c]) / total:.2f}%" if total else "n/a"
+            print(f"  class {name:>12}: {acc} of {total}")
+        out = os.path.splitext(path)[0] + "_confusion.png"
+        plot_confusion(cm, info.classes, f"{os.path.basename(path)}: {100 * res['acc']:.2f}% of {res['n']}", out)
+        print(f"Confusion matrix: {out}")
+    return 0
+
+
+def run_train(cfg, args, rank, world, local_rank):
+    device, logger = setup(cfg, args, rank, world, local_rank)
+    tcfg = cfg.train
+    seed_everything(tcfg.seed)  # the same initial weights on every rank
+    train, test, info = load_data(cfg.data, cfg.model.image_size, device, logger)
+    global_batch = tcfg.batch_size * world
+    steps_per_epoch = len(train) // global_batch
+    if steps_per_epoch == 0:
+        raise UserError(f"the training set has {len(train)} images, fewer than one global batch of {global_batch} "
+                        f"(train.batch_size * world size); lower train.batch_size or raise data.train_limit")
+    ctx = RunCtx(cfg, device, rank, world, info, amp_dtype_for(tcfg.amp, device), steps_per_epoch, logger)
+    model_args = model_args_from_config(cfg.model, info.in_channels, len(info.classes))
+    raw_model = build_model(model_args).to(device)
+    lr = tcfg.lr * (world * tcfg.grad_accum if tcfg.scale_lr else 1)
+    optimizer = build_optimizer(raw_model, tcfg, lr, device)
+    opt_steps_per_epoch = math.ceil(steps_per_epoch / tcfg.grad_accum)
+    schedule = Schedule(optimizer, lr, tcfg.epochs * opt_steps_per_epoch, opt_steps_per_epoch, tcfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=ctx.amp_dtype == torch.float16)
+    state = TrainState()
+    seed_everything(tcfg.seed + rank)  # dropout draws differ per rank
+    resumed = try_resume(cfg, ctx, raw_model, optimizer, schedule, scaler, state)
+    if rank == 0:
+        os.makedirs(cfg.checkpoint.dir, exist_ok=True)
+        atomic_write_bytes(os.path.join(cfg.log.dir, "config.yaml"), _yaml(cfg))
+        metrics = os.path.join(cfg.log.dir, "metrics.jsonl")
+        if resumed:
+            write_metrics(metrics, state.history)  # drop lines of epochs the checkpoint does not hold
+        elif os.path.exists(metrics) and os.path.getsize(metrics):
+            os.replace(metrics, os.path.join(cfg.log.dir, f"metrics.{timestamp()}.jsonl"))
+    nparams = sum(p.numel() for p in raw_model.parameters())
+    logger.info(f"{info.dataset}: {len(train)} train / {len(test)} test images on {device}, world size {world}; "
+                f"{model_args['name']} with {nparams / 1e6:.2f}M parameters; global batch {global_batch}, "
+                f"{steps_per_epoch} steps/epoch" + (f"; resumed from {resumed} (epoch {state.epoch}, step {state.step})" if resumed else ""))
+    model = torch.compile(raw_model) if tcfg.compile else raw_model
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    loggers = Loggers(cfg, logger, rank == 0)
+    stop = StopSignal()
+    stop.install()
+    try:
+        return _train_loop(cfg, ctx, raw_model, model, optimizer, schedule, scaler, state, train, test, loggers, stop,
+                           model_args)
+    finally:
+        stop.uninstall()
+        loggers.close()
+
+
+def _train_loop(cfg, ctx, raw_model, model, optimizer, schedule, scaler, state, train, test, loggers, stop, model_args):
+    """Epochs until done, early-stopped or signalled; rank 0 writes checkpoints, metrics and curves."""
+    tcfg, rank, world, device, logger, info = cfg.train, ctx.rank, ctx.world, ctx.device, ctx.logger, ctx.info
+    steps_per_epoch, global_batch = ctx.steps_per_epoch, tcfg.batch_size * world
+    final_name = final_weights_name(info.dataset, model_args["name"])
+    interrupted = False
+    while state.epoch < tcfg.epochs:
+        epoch = state.epoch + 1
+        bar = _progress(rank, epoch, tcfg.epochs, steps_per_epoch, state.step)
+        t0 = time.perf_counter()
+        start_step = state.step
+        interrupted = train_one_epoch(model, optimizer, schedule, scaler, train, ctx, state, stop, bar)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seg_time = time.perf_counter() - t0
+        state.partial_time += seg_time
+        if bar is not None:
+            bar.close()
+        if interrupted:
+            path = os.path.join(cfg.checkpoint.dir, epoch_ckpt_name(state.epoch, state.step))
+            rng = gather_rng(ctx)
+            if rank == 0:
+                atomic_write_bytes(path, serialize(training_checkpoint(raw_model, optimizer, schedule, scaler, state,
+                                                                       ctx, model_args, rng)))
+                logger.info(f"stopped by signal at epoch {epoch}, step {state.step}/{steps_per_epoch}; saved {path}. "
+                            f"Continue with checkpoint.resume=true")
+            break
+        t1 = time.perf_counter()
+        val = evaluate(raw_model, test, ctx, cfg.model.image_size, tcfg.eval_batch_size)
+        loss_sum, correct, n = state.sums
+        record = {"epoch": epoch, "train_loss": loss_sum / max(n, 1), "train_acc": correct / max(n, 1),
+                  "val_loss": val["loss"], "val_acc": val["acc"], "lr": schedule.lr(),
+                  "epoch_time_s": round(state.partial_time, 3),
+                  "images_per_s": round((steps_per_epoch - start_step) * global_batch / max(seg_time, 1e-9), 1),
+                  "eval_time_s": round(time.perf_counter() - t1, 3), "world_size": world}
+        improved = val["acc"] > state.best_val_acc + tcfg.early_stop_min_delta
+        state.history.append(record)
+        state.epoch, state.step, state.sums, state.partial_time = epoch, 0, [0.0, 0.0, 0.0], 0.0
+        if improved:
+            state.best_val_acc, state.bad_epochs = val["acc"], 0
+        else:
+            state.bad_epochs += 1
+        early = tcfg.early_stop_patience > 0 and state.bad_epochs >= tcfg.early_stop_patience
+        last = epoch == tcfg.epochs or early
+        save = epoch % cfg.checkpoint.save_every == 0 or last
+        rng = gather_rng(ctx) if save else None
+        if rank == 0:
+            if save:  # the checkpoint first: metrics.jsonl is rebuilt from it on resume
+                blob = serialize(training_checkpoint(raw_model, optimizer, schedule, scaler, state, ctx, model_args, rng))
+                atomic_write_bytes(os.path.join(cfg.checkpoint.dir, epoch_ckpt_name(epoch)), blob)
+                prune_checkpoints(cfg.checkpoint.dir, cfg.checkpoint.keep_last)
+            if improved:
+                atomic_write_bytes(os.path.join(cfg.checkpoint.dir, "best.pth"),
+                                   serialize(weights_checkpoint(raw_model, state, ctx, model_args)))
+            loggers.epoch(record)
+            plot_curves(state.history, os.path.join(cfg.checkpoint.dir, "training_curves.png"))
+            logger.info(f"epoch {epoch}/{tcfg.epochs} train_loss {record['train_loss']:.4f} train_acc "
+                        f"{record['train_acc']:.4f} val_loss {record['val_loss']:.4f} val_acc {record['val_acc']:.4f} "
+                        f"lr {record['lr']:.2e} {record['epoch_time_s']:.1f}s {record['images_per_s']:.0f} img/s")
+        if early:
+            logger.info(f"early stop: val_acc has not improved by {tcfg.early_stop_min_delta} for "
+                        f"{state.bad_epochs} epochs")
+            break
+        if epoch < tcfg.epochs and stop.agreed(device, world):
+            interrupted = True
+            logger.info(f"stopped by signal after epoch {epoch}; continue with checkpoint.resume=true")
+            break
+    if not interrupted and rank == 0:
+        path = os.path.join(cfg.checkpoint.dir, final_name)
+        atomic_write_bytes(path, serialize(weights_checkpoint(raw_model, state, ctx, model_args)))
+        if state.history:
+            plot_curves(state.history, os.path.join(cfg.checkpoint.dir, "training_curves.png"))
+            best = max(r["val_acc"] for r in state.history)
+            logger.info(f"done: final val_acc {state.history[-1]['val_acc']:.4f} (best {best:.4f}); weights in {path}")
+    if world > 1:
+        dist.barrier()
+    return 0
+
+
+def _yaml(cfg):
+    from omegaconf import OmegaConf
+    return OmegaConf.to_yaml(cfg).encode()
+
+
+def _progress(rank, epoch, epochs, total, initial):
+    if rank != 0 or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, desc=f"epoch {epoch}/{epochs}", leave=False, dynamic_ncols=True)
+
+
+def run(args, rank, world, local_rank):
+    """One worker: the same for 1 process, --num-gpus, torchrun and a PyTorchJob pod."""
+    try:
+        cfg = config_from_args(args)
+        return (run_eval if args.eval else run_train)(cfg, args, rank, world, local_rank)
+    except UserError as e:
+        print(f"error: {e}" if world == 1 else f"error (rank {rank}): {e}", file=sys.stderr, flush=True)
+        return e.code
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def config_from_args(args):
+    cfg = load_config(args.config, args.overrides)
+    if args.no_cuda and cfg.train.device == "cuda":
+        raise UserError("--no-cuda contradicts train.device=cuda; drop one of them")
+    if args.no_cuda and cfg.train.device == "auto":
+        cfg = load_config(args.config, args.overrides, {"train": {"device": "cpu"}})
+    return cfg
+
+
+# ----------------------------------------------------------------------------------- --num-gpus N
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawned(local_rank, world, port, args):
+    os.environ.update({"RANK": str(local_rank), "LOCAL_RANK": str(local_rank), "WORLD_SIZE": str(world),
+                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    code = run(args, local_rank, world, local_rank)
+    if code:
+        sys.exit(code)
+
+
+def launch_local(args, cfg):
+    import torch.multiprocessing as mp
+
+    n = args.num_gpus
+    device = resolve_device(cfg.train.device, args.no_mps)
+    if device.type == "cuda" and torch.cuda.device_count() < n:
+        raise UserError(f"--num-gpus {n} but only {torch.cuda.device_count()} CUDA GPU(s) are visible; use "
+                        f"--num-gpus {torch.cuda.device_count()}, or add train.device=cpu for {n} CPU workers on gloo")
+    if device.type == "mps" and n > 1:
+        raise UserError("MPS cannot run more than one process; drop --num-gpus, or add train.device=cpu")
+    if device.type == "cpu" and cfg.train.device != "cpu":
+        raise UserError(f"--num-gpus {n} but no GPU is visible; add train.device=cpu to run {n} CPU workers on gloo")
+    port = cfg.distributed.master_port or _free_port()
+    procs = mp.start_processes(_spawned, args=(n, port, args), nprocs=n, join=False, start_method="spawn")
+
+    def forward(signum, frame):  # preemption of the launcher reaches every worker
+        for p in procs.processes:
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGTERM)
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    try:
+        while not procs.join():
+            pass
+    except mp.ProcessExitedException as e:
+        print(f"error: worker {e.error_index} exited with code {e.exit_code}; the other workers were stopped",
+              file=sys.stderr)
+        return e.exit_code if e.exit_code and e.exit_code > 0 else 1
+    except mp.ProcessRaisedException as e:
+        print(f"error: a worker failed; the other workers were stopped:\n{e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        cfg = config_from_args(args)  # a bad config stops here, before any worker starts
+        if args.checkpoint and not args.eval:
+            raise UserError("--checkpoint is for --eval; to continue training use checkpoint.resume=true")
+        if args.num_gpus < 0:
+            raise UserError(f"--num-gpus {args.num_gpus} must be >= 1")
+        rank, world, local_rank = dist_env(args)
+        if args.num_gpus and world > 1:
+            raise UserError("--num-gpus cannot be used under torchrun or a PyTorchJob; the launcher already started the workers")
+        resolve_device(cfg.train.device, args.no_mps)  # e.g. train.device=cuda on a machine without one
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.code
+    if args.num_gpus:
+        return launch_local(args, cfg)
+    return run(args, rank, world, local_rank)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
