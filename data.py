@@ -222,19 +222,18 @@ def load_folder_split(root, split, size, num_workers, classes=None):
 # -------------------------------------------------------------------------------------- loading
 
 def _try_download(dataset, data_root, logger):
+    """torchvision's download; returns '' on success, else the reason in a few words."""
     import torchvision.datasets as tvd
 
     cls = {"mnist": tvd.MNIST, "fashion_mnist": tvd.FashionMNIST, "cifar10": tvd.CIFAR10}[dataset]
-    if logger:
-        logger.info(f"{dataset}: files missing under {data_root}; trying torchvision's download")
     try:
         for train in (True, False):
             cls(data_root, train=train, download=True)
-        return True
     except Exception as e:
-        if logger:
-            logger.warning(f"{dataset}: download failed ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
-        return False
+        return f"download failed: {str(e).strip().splitlines()[-1][:100]}"
+    if logger:
+        logger.info(f"{dataset}: downloaded to {data_root}")
+    return ""
 
 
 def load_raw(dataset, data_root, download=True, image_size=28, num_workers=0, logger=None):
@@ -251,20 +250,18 @@ def load_raw(dataset, data_root, download=True, image_size=28, num_workers=0, lo
         missing = lambda: [f for f in CIFAR_FILES if not os.path.isfile(os.path.join(where, f))]  # noqa: E731
         if missing():
             _extract_cifar_tar(data_root)
-        if missing() and download:
-            _try_download(dataset, data_root, logger)
+        why = _try_download(dataset, data_root, logger) if missing() and download else "data.download=false"
         if missing():
-            raise DataError(f"cifar10: missing {', '.join(missing())} in {where}/ (no network to download); "
+            raise DataError(f"cifar10: missing {', '.join(missing())} in {where}/ ({why}); "
                             f"copy the CIFAR-10 python batches there, or cifar-10-python.tar.gz into {data_root}/")
         tx, ty = load_cifar_split(where, True)
         vx, vy = load_cifar_split(where, False)
         return tx, ty, vx, vy, DataInfo(dataset, classes, mean, std, channels, digit_style, 32)
     where = os.path.join(data_root, folder, "raw")
-    if _idx_missing(where) and download:
-        _try_download(dataset, data_root, logger)
+    why = _try_download(dataset, data_root, logger) if _idx_missing(where) and download else "data.download=false"
     if _idx_missing(where):
         raise DataError(f"{dataset}: missing {', '.join(_idx_missing(where))} (each may be .gz) in {where}/ "
-                        f"(no network to download); copy the four IDX files there")
+                        f"({why}); copy the four IDX files there")
     tx, ty = load_idx_split(where, True)
     vx, vy = load_idx_split(where, False)
     for path_base, x in ((IDX_FILES[True][0], tx), (IDX_FILES[False][0], vx)):
