@@ -98,8 +98,19 @@ def init_distributed(cfg, device, rank, world):
         raise UserError("distributed.backend=nccl needs CUDA; use distributed.backend=gloo for CPU workers")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=cfg.distributed.timeout_s))
+    timeout = datetime.timedelta(seconds=cfg.distributed.timeout_s)
+    dist.init_process_group(backend, store=restart_store(rank, world, timeout), rank=rank, world_size=world,
+                            timeout=timeout)
+
+
+def restart_store(rank, world, timeout):
+    """torchrun keeps one store for all restarts (torch 2.14; pytorch/pytorch#135712): a restarted
+    group would read the dead workers' addresses and fail or hang in its first connect. A prefix
+    per restart keeps each attempt's keys apart. None (plain env://) outside torchrun's store."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world, timeout=timeout))
+    return dist.PrefixStore(f"restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def all_reduce_(tensor, world):
@@ -318,12 +329,26 @@ def evaluate(model, split, ctx, image_size, eval_batch_size):
 
 # ------------------------------------------------------------------------------------------ outputs
 
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save_figure(fig, path):
+    """PNG written atomically: a reader never sees half a plot."""
+    import io
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    _pyplot().close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def plot_curves(history, path):
     """Loss, accuracy and lr against epoch, written atomically."""
-    import io
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     ep = [r["epoch"] for r in history]
     fig, ax = plt.subplots(1, 3, figsize=(14, 4))
@@ -340,18 +365,11 @@ def plot_curves(history, path):
         a.grid(alpha=0.3)
     ax[0].legend()
     ax[1].legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    _save_figure(fig, path)
 
 
 def plot_confusion(confusion, classes, title, path):
-    import io
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     C = len(classes)
     fig, ax = plt.subplots(figsize=(1.0 + 0.6 * C, 0.8 + 0.6 * C))
@@ -366,11 +384,7 @@ def plot_confusion(confusion, classes, title, path):
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    _save_figure(fig, path)
 
 
 class Loggers:
@@ -482,7 +496,25 @@ def try_resume(cfg, ctx, model, optimizer, schedule, scaler, state):
         seed_everything(cfg.train.seed + 1000 * state.epoch + ctx.rank)
     if ctx.world != int(ckpt.get("world_size", 1)):
         ctx.logger.info(f"checkpoint was written by {ckpt.get('world_size')} rank(s); continuing on {ctx.world}")
+    rebase_to_global_batch(ckpt, cfg.train, ctx.world, schedule, state, ctx.logger)
     return path
+
+
+def rebase_to_global_batch(ckpt, tcfg, world, schedule, state, logger):
+    """A checkpoint counts steps of the global batch it was written with. When the world size or
+    batch size changed, re-express the position in the epoch and the LR schedule in the new
+    global batches, or the schedule would end early or late. With the same global batch nothing
+    changes, and the continuation is the same run up to floating-point order."""
+    old = ckpt.get("config", {}).get("train", {})
+    old_global = int(old.get("batch_size", tcfg.batch_size)) * int(ckpt.get("world_size", 1))
+    new_global = tcfg.batch_size * world
+    if old_global == new_global and int(old.get("grad_accum", tcfg.grad_accum)) == tcfg.grad_accum:
+        return
+    step = state.step * old_global // new_global  # round down: repeat a few images rather than skip them
+    state.step = step - step % tcfg.grad_accum  # optimizer steps start on an accumulation boundary
+    schedule.load_state_dict({"step_count": state.epoch * schedule.spe + state.step // tcfg.grad_accum})
+    logger.warning(f"checkpoint was written with a global batch of {old_global}, continuing with {new_global}: "
+                   f"resuming at step {state.step} of epoch {state.epoch + 1}, lr schedule at step {schedule.step_count}")
 
 
 # --------------------------------------------------------------------------------------------- run
@@ -492,7 +524,7 @@ def setup(cfg, args, rank, world, local_rank):
     device = resolve_device(cfg.train.device, args.no_mps, local_rank)
     init_distributed(cfg, device, rank, world)
     logger = setup_logging(cfg.log.dir, rank, cfg.log.level)
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # unset in a PyTorchJob pod: one process per pod
     if device.type == "cpu" and local_world > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))  # no oversubscription
     return device, logger
@@ -531,10 +563,25 @@ def run_eval(cfg, args, rank, world, local_rank):
     return 0
 
 
+def build_training(cfg, ctx, model_args):
+    """Model (raw and, with train.compile, compiled), optimizer, LR schedule and grad scaler of one
+    rank. bench.py builds through here too, so it measures exactly what train.py runs."""
+    tcfg = cfg.train
+    seed_everything(tcfg.seed)  # the same initial weights on every rank
+    raw_model = build_model(model_args).to(ctx.device)
+    lr = tcfg.lr * (ctx.world * tcfg.grad_accum if tcfg.scale_lr else 1)
+    optimizer = build_optimizer(raw_model, tcfg, lr, ctx.device)
+    opt_steps_per_epoch = math.ceil(ctx.steps_per_epoch / tcfg.grad_accum)
+    schedule = Schedule(optimizer, lr, tcfg.epochs * opt_steps_per_epoch, opt_steps_per_epoch, tcfg)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.amp_dtype == torch.float16)
+    seed_everything(tcfg.seed + ctx.rank)  # dropout draws differ per rank
+    model = torch.compile(raw_model) if tcfg.compile else raw_model
+    return raw_model, model, optimizer, schedule, scaler
+
+
 def run_train(cfg, args, rank, world, local_rank):
     device, logger = setup(cfg, args, rank, world, local_rank)
     tcfg = cfg.train
-    seed_everything(tcfg.seed)  # the same initial weights on every rank
     train, test, info = load_data(cfg.data, cfg.model.image_size, device, logger)
     global_batch = tcfg.batch_size * world
     steps_per_epoch = len(train) // global_batch
@@ -543,14 +590,8 @@ def run_train(cfg, args, rank, world, local_rank):
                         f"(train.batch_size * world size); lower train.batch_size or raise data.train_limit")
     ctx = RunCtx(cfg, device, rank, world, info, amp_dtype_for(tcfg.amp, device), steps_per_epoch, logger)
     model_args = model_args_from_config(cfg.model, info.in_channels, len(info.classes))
-    raw_model = build_model(model_args).to(device)
-    lr = tcfg.lr * (world * tcfg.grad_accum if tcfg.scale_lr else 1)
-    optimizer = build_optimizer(raw_model, tcfg, lr, device)
-    opt_steps_per_epoch = math.ceil(steps_per_epoch / tcfg.grad_accum)
-    schedule = Schedule(optimizer, lr, tcfg.epochs * opt_steps_per_epoch, opt_steps_per_epoch, tcfg)
-    scaler = torch.amp.GradScaler(device.type, enabled=ctx.amp_dtype == torch.float16)
+    raw_model, model, optimizer, schedule, scaler = build_training(cfg, ctx, model_args)
     state = TrainState()
-    seed_everything(tcfg.seed + rank)  # dropout draws differ per rank
     resumed = try_resume(cfg, ctx, raw_model, optimizer, schedule, scaler, state)
     if rank == 0:
         os.makedirs(cfg.checkpoint.dir, exist_ok=True)
@@ -564,7 +605,6 @@ def run_train(cfg, args, rank, world, local_rank):
     logger.info(f"{info.dataset}: {len(train)} train / {len(test)} test images on {device}, world size {world}; "
                 f"{model_args['name']} with {nparams / 1e6:.2f}M parameters; global batch {global_batch}, "
                 f"{steps_per_epoch} steps/epoch" + (f"; resumed from {resumed} (epoch {state.epoch}, step {state.step})" if resumed else ""))
-    model = torch.compile(raw_model) if tcfg.compile else raw_model
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     loggers = Loggers(cfg, logger, rank == 0)
@@ -654,7 +694,9 @@ def _train_loop(cfg, ctx, raw_model, model, optimizer, schedule, scaler, state, 
             logger.info(f"done: final val_acc {state.history[-1]['val_acc']:.4f} (best {best:.4f}); weights in {path}")
     if world > 1:
         dist.barrier()
-    return 0
+    # In a PyTorchJob a pod that exits 0 counts as done, and a done Master ends the job: a preempted
+    # run exits 143 (128 + SIGTERM) there, so that the operator restarts the pods and they resume.
+    return 143 if interrupted and cfg.environment == "k8s" else 0
 
 
 def _yaml(cfg):
@@ -677,9 +719,21 @@ def run(args, rank, world, local_rank):
     except UserError as e:
         print(f"error: {e}" if world == 1 else f"error (rank {rank}): {e}", file=sys.stderr, flush=True)
         return e.code
+    except Exception as e:
+        if not lost_peer(e, world):
+            raise
+        print(f"error (rank {rank}): another rank failed or stopped answering ({str(e).splitlines()[0][:160]}); "
+              f"its own error, printed above or in its log, is the cause", file=sys.stderr, flush=True)
+        return 1
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def lost_peer(e, world):
+    """A collective that failed because another rank died or hung: not a bug of this rank."""
+    markers = ("Connection closed by peer", "Connection reset by peer", "Timed out waiting", "timed out")
+    return world > 1 and (isinstance(e, getattr(dist, "DistError", ())) or any(m in str(e) for m in markers))
 
 
 def config_from_args(args):
@@ -726,8 +780,7 @@ def launch_local(args, cfg):
         for p in procs.processes:
             if p.is_alive():
                 os.kill(p.pid, signal.SIGTERM)
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         while not procs.join():
             pass
@@ -738,6 +791,9 @@ def launch_local(args, cfg):
     except mp.ProcessRaisedException as e:
         print(f"error: a worker failed; the other workers were stopped:\n{e}", file=sys.stderr)
         return 1
+    finally:  # main() may be called in-process (tests): give Ctrl-C back
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
 
 
@@ -757,7 +813,11 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return e.code
     if args.num_gpus:
-        return launch_local(args, cfg)
+        try:
+            return launch_local(args, cfg)
+        except UserError as e:  # too few GPUs, MPS: before any worker starts
+            print(f"error: {e}", file=sys.stderr)
+            return e.code
     return run(args, rank, world, local_rank)
 
 

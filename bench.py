@@ -1,0 +1,553 @@
+"""Measure training speed, evaluation speed, memory and time to accuracy for any config.
+
+    python bench.py [--config FILE] [key.sub=value ...]                  our pipeline
+    python bench.py --reference [...]                                     and the seed-style one, side by side
+    python bench.py --target-acc 0.98 --max-train-s 900 [--reference] [...]
+
+Our pipeline is train.py's own code: load_data, build_model, build_optimizer, Schedule,
+train_one_epoch and evaluate, called with the config's settings. The reference is the seed-style
+pipeline at the same model dims (or, with --ref-model seed, the seed's): torchvision per-sample transforms (ToTensor, Normalize) on a
+Dataset of PIL images, a DataLoader (batch 64, shuffle, main-process loading by default), a ViT
+built from nn.TransformerEncoder (batch_first, pre-norm), Adam 1e-3 and a per-epoch cosine over 5
+epochs, with the per-step loss.item() the seed logged. Both read the same files through data.py's
+parser, so nothing is downloaded.
+
+Each measurement is one JSON line on stdout; a table with the ratios ours/reference goes to stderr
+at the end. Throughput is the median of --windows timed windows after --warmup-steps untimed
+steps; with --reference the two pipelines take turns window by window, so a change in the
+machine's load hits both. CUDA work is synchronized before every clock read. Evaluation passes
+never count as training time.
+"""
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import train
+from data import Split, load_data, load_raw
+from model import model_args_from_config
+from utils import UserError, load_config
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Benchmark training and evaluation speed, memory and time to accuracy. "
+                                "Config keys are overridden as key.sub=value after the flags, as for train.py.")
+    p.add_argument("--config", default=None, help="YAML layered on config.yaml (default: config.yaml alone)")
+    p.add_argument("--reference", action="store_true", help="also run the seed-style pipeline and print ratios")
+    p.add_argument("--windows", type=int, default=5, help="timed windows; the median is reported (default: 5)")
+    p.add_argument("--window-steps", type=int, default=20, help="training steps per timed window (default: 20)")
+    p.add_argument("--warmup-steps", type=int, default=10, help="untimed steps before the windows (default: 10)")
+    p.add_argument("--eval-images", type=int, default=2000,
+                   help="test images per timed evaluation pass (default: 2000; 0 = the whole test split)")
+    p.add_argument("--target-acc", type=float, default=None, metavar="A",
+                   help="also train from scratch until test accuracy >= A, e.g. 0.98 (default: off)")
+    p.add_argument("--max-train-s", type=float, default=0.0,
+                   help="stop a --target-acc run after this many training seconds (default: 0, no cap)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads for both pipelines (default: 0, torch's own choice: one per core)")
+    p.add_argument("--ref-workers", type=int, default=0,
+                   help="reference DataLoader num_workers (default: 0, loading in the main process)")
+    p.add_argument("--ref-model", choices=("config", "seed"), default="config",
+                   help="reference ViT dims: config = the config's model keys (a like-for-like speed ratio); "
+                        "seed = the seed's patch 4, dim 64, depth 6, 4 heads (time to accuracy against the seed) "
+                        "(default: config)")
+    p.add_argument("--ref-batch", type=int, default=64, help="reference batch size (default: 64, the seed's)")
+    p.add_argument("--ref-epochs", type=int, default=5,
+                   help="reference epochs, the length of its cosine schedule (default: 5, the seed's)")
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. model.dim=64 train.batch_size=64")
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    for name in ("windows", "window_steps", "ref_batch", "ref_epochs"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
+    for name in ("warmup_steps", "eval_images", "threads", "ref_workers", "max_train_s"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 0")
+    if args.target_acc is not None and not 0 < args.target_acc <= 1:
+        raise UserError(f"--target-acc {args.target_acc} must be a fraction in (0, 1], e.g. 0.98")
+
+
+# ---------------------------------------------------------------------------------- measurement
+
+class Clock:
+    """Wall seconds with the device's queued work finished first, so CUDA time is not hidden."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def now(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elif self.device.type == "mps":
+            torch.mps.synchronize()
+        return time.perf_counter()
+
+
+def reset_peak_memory(device):
+    """Start a new peak for the next pipeline. Linux resets the RSS high-water mark (and with it
+    getrusage's ru_maxrss) through clear_refs; elsewhere the peak stays the process's so far."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        scope = "pipeline"
+    except OSError:
+        scope = "process"
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    return scope
+
+
+def peak_rss_mib():
+    """The process's peak resident memory (since the last reset), or None where getrusage is
+    missing (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    name = platform.processor() or platform.machine()
+    if os.path.isfile("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    return f"{device.type}: {name}"
+
+
+class Reporter:
+    """One JSON line per measurement on stdout; keeps the values for the ratios and the table."""
+
+    def __init__(self, device):
+        self.common = {"device": device_name(device), "torch": torch.__version__, "host_cpus": os.cpu_count(),
+                       "torch_threads": torch.get_num_threads()}
+        self.values, self.windows = {}, {}
+
+    def emit(self, pipeline, metric, value, unit, config, **extra):
+        rec = {"pipeline": pipeline, "metric": metric, "value": value, "unit": unit, "config": config,
+               **self.common, "load_avg_1m": _load_avg(), **extra}
+        print(json.dumps(rec), flush=True)
+        self.values[(pipeline, metric)] = (value, unit)
+        if "windows" in extra:
+            self.windows[(pipeline, metric)] = extra["windows"]
+
+    def ratios(self, config):
+        """A JSON line per metric both pipelines measured (images/s: > 1 is faster; s: < 1 is).
+        For windowed metrics it is the median of the per-window ratios, each window of ours paired
+        with the reference's window right after it; the ratio of the medians comes along."""
+        for (pipeline, metric), (value, unit) in list(self.values.items()):
+            ref = self.values.get(("reference", metric), (None,))[0]
+            if pipeline != "ours" or value is None or not ref or metric.startswith("peak_"):
+                continue
+            extra = {"ratio_of_medians": round(value / ref, 3)}
+            ow, rw = self.windows.get(("ours", metric)), self.windows.get(("reference", metric))
+            ratio = statistics.median(o / r for o, r in zip(ow, rw)) if ow and rw else value / ref
+            self.emit("ratio", metric, round(ratio, 3), "ours/reference", config, **extra)
+
+    def table(self, out=None):
+        out = out or sys.stderr  # looked up now, not at import: tests and callers may swap it
+        metrics = list(dict.fromkeys(m for p, m in self.values if p != "ratio"))
+        rows = [("metric", "ours", "reference", "ours/reference")]
+        for m in metrics:
+            ours, ref = self.values.get(("ours", m), (None, "")), self.values.get(("reference", m), (None, ""))
+            rows.append((f"{m} ({ours[1] or ref[1]})", _fmt(ours[0]), _fmt(ref[0]),
+                         _fmt(self.values.get(("ratio", m), (None,))[0], 2)))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        for r in rows:
+            print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))),
+                  file=out)
+        return rows
+
+
+def _load_avg():
+    """The 1-minute load average when the line is written: above the core count, other processes
+    competed for the cores during the measurement and its numbers are rough."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):  # Windows
+        return None
+
+
+def _fmt(v, digits=1):
+    return "-" if v is None else f"{v:,.{digits}f}"
+
+
+@dataclass
+class Pipeline:
+    """One pipeline, set up and ready for timed windows."""
+    name: str
+    summary: dict
+    train_steps: Callable   # train_steps(n): n more training steps
+    window_steps: int       # steps per timed window
+    batch: int
+    epoch_images: int       # images one epoch trains on
+    evaluate: Callable      # evaluate(): one pass over eval_images test images
+    eval_images: int
+    time_to_acc: Callable   # time_to_acc(target, cap) -> (training seconds, test accuracy, [[s, acc], ...])
+    extra: dict = field(default_factory=dict)  # more measurements: metric -> (value, unit, note)
+
+
+def warm_up(pipe, steps):
+    """Untimed: first-call costs (allocator, kernels, torch.compile) stay out of the windows."""
+    if steps:
+        pipe.train_steps(steps)
+    pipe.evaluate()
+
+
+def interleaved_seconds(fns, clock, windows):
+    """Seconds of each call, window by window, the pipelines taking turns: a change in the
+    machine's load (other processes on shared cores) then hits every pipeline alike."""
+    seconds = [[] for _ in fns]
+    for _ in range(windows):
+        for i, fn in enumerate(fns):
+            t0 = clock.now()
+            fn()
+            seconds[i].append(clock.now() - t0)
+    return seconds
+
+
+# ------------------------------------------------------------------------------------ our pipeline
+
+def ours_stepper(parts, split, ctx):
+    """step_fn(n): n more training steps through train.train_one_epoch, moving on to the next
+    epoch's permutation when one runs out."""
+    _, model, optimizer, schedule, scaler = parts
+    state, stop = train.TrainState(), train.StopSignal()  # a StopSignal never installed: never stops
+
+    def step_fn(n):
+        while n > 0:
+            if state.step >= ctx.steps_per_epoch:
+                state.epoch, state.step = state.epoch + 1, 0
+            k = min(n, ctx.steps_per_epoch - state.step)
+            window = replace(ctx, steps_per_epoch=state.step + k)  # train_one_epoch stops at its steps_per_epoch
+            train.train_one_epoch(model, optimizer, schedule, scaler, split, window, state, stop)
+            n -= k
+    return step_fn
+
+
+class TimeCap(train.StopSignal):
+    """Asks train_one_epoch to stop once the training clock passes the cap (checked every step)."""
+
+    def __init__(self, spent, cap):
+        super().__init__()
+        self.start, self.spent, self.cap = time.perf_counter(), spent, cap
+
+    def agreed(self, device, world):
+        return bool(self.cap) and self.spent + time.perf_counter() - self.start >= self.cap
+
+
+def ours_time_to_acc(cfg, ctx, model_args, train_split, test_split, clock, target, cap):
+    """Train from scratch epoch by epoch until test accuracy >= target; eval is off the clock."""
+    raw_model, model, optimizer, schedule, scaler = train.build_training(cfg, ctx, model_args)
+    state, spent, acc, curve = train.TrainState(), 0.0, 0.0, []
+    while state.epoch < cfg.train.epochs:
+        t0 = clock.now()
+        stopped = train.train_one_epoch(model, optimizer, schedule, scaler, train_split, ctx, state,
+                                        TimeCap(spent, cap))
+        spent += clock.now() - t0
+        acc = train.evaluate(raw_model, test_split, ctx, cfg.model.image_size, cfg.train.eval_batch_size)["acc"]
+        state.epoch, state.step = state.epoch + 1, 0
+        curve.append([round(spent, 2), round(acc, 4)])
+        if acc >= target or stopped:
+            break
+    return spent, acc, curve
+
+
+def setup_ours(cfg, args, device, clock):
+    """train.py's pipeline for one rank: device-resident data, the config's model and optimizer."""
+    tcfg, logger = cfg.train, logging.getLogger("bench")
+    t0 = time.perf_counter()
+    train_split, test_split, info = load_data(cfg.data, cfg.model.image_size, device, logger)
+    load_s = time.perf_counter() - t0
+    spe = len(train_split) // tcfg.batch_size
+    if spe == 0:
+        raise UserError(f"the training set has {len(train_split)} images, fewer than one batch of {tcfg.batch_size}; "
+                        f"lower train.batch_size or raise data.train_limit")
+    ctx = train.RunCtx(cfg, device, 0, 1, info, train.amp_dtype_for(tcfg.amp, device), spe, logger)
+    model_args = model_args_from_config(cfg.model, info.in_channels, len(info.classes))
+    parts = train.build_training(cfg, ctx, model_args)
+    sub = _head(test_split, args.eval_images)
+    return Pipeline(
+        "ours", ours_summary(cfg, ctx, len(train_split)), ours_stepper(parts, train_split, ctx),
+        min(args.window_steps, spe), tcfg.batch_size, spe * tcfg.batch_size,
+        lambda: train.evaluate(parts[0], sub, ctx, cfg.model.image_size, tcfg.eval_batch_size), len(sub),
+        lambda target, cap: ours_time_to_acc(cfg, ctx, model_args, train_split, test_split, clock, target, cap),
+        {"data_load_s": (round(load_s, 3), "s", "files to device-resident tensors")})
+
+
+def _head(split, n):
+    return split if not n or n >= len(split) else Split(split.images[:n], split.labels[:n])
+
+
+def ours_summary(cfg, ctx, n_train):
+    m, t = cfg.model, cfg.train
+    return {"dataset": cfg.data.dataset, "model": m.name, "image_size": m.image_size, "patch": m.patch_size,
+            "dim": m.dim, "depth": m.depth, "heads": m.heads, "mlp_ratio": m.mlp_ratio, "batch": t.batch_size,
+            "optimizer": t.optimizer, "lr": t.lr, "epochs": t.epochs, "scheduler": t.scheduler,
+            "amp": str(ctx.amp_dtype).replace("torch.", "") if ctx.amp_dtype else "off", "compile": t.compile,
+            "augment": cfg.data.augment, "loader": "device-resident tensors", "train_images": n_train}
+
+
+# ------------------------------------------------------------------------------- reference pipeline
+
+# The seed's ViT, as issue 5 describes it. Its MLP width is not recorded there: 2x, as config.yaml.
+SEED_DIMS = {"patch_size": 4, "dim": 64, "depth": 6, "heads": 4, "mlp_ratio": 2.0, "dropout": 0.0}
+
+
+def reference_dims(cfg, which):
+    """The reference ViT's keys: the config's model, or the seed's dims at the config's image size."""
+    m = cfg.model
+    dims = {"image_size": m.image_size, "patch_size": m.patch_size, "dim": m.dim, "depth": m.depth,
+            "heads": m.heads, "mlp_ratio": m.mlp_ratio, "dropout": m.dropout}
+    if which == "seed":
+        dims.update(SEED_DIMS)
+        if m.image_size % SEED_DIMS["patch_size"]:
+            raise UserError(f"--ref-model seed uses patch 4, which does not divide model.image_size={m.image_size}; "
+                            f"use a multiple of 4 or --ref-model config")
+    return dims
+
+
+class PILDataset(torch.utils.data.Dataset):
+    """torchvision.datasets.MNIST's behaviour: one PIL image per item, through `transform`."""
+
+    def __init__(self, images, labels, transform):
+        self.images, self.labels, self.transform = images.numpy(), labels.tolist(), transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        img = self.images[i]  # (C, H, W) uint8
+        pil = Image.fromarray(img[0]) if img.shape[0] == 1 else Image.fromarray(img.transpose(1, 2, 0))
+        return self.transform(pil), self.labels[i]
+
+
+class SeedViT(nn.Module):
+    """The seed's ViT: Conv2d patches, a CLS token, learned positions, nn.TransformerEncoder."""
+
+    def __init__(self, image_size, patch_size, in_channels, num_classes, dim, depth, heads, mlp_ratio, dropout):
+        super().__init__()
+        n = (image_size // patch_size) ** 2
+        self.patch = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, n + 1, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, int(dim * mlp_ratio), dropout, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)  # pre-norm cannot nest
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)  # (B, N, D)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos  # (B, N+1, D)
+        return self.head(self.norm(self.encoder(x))[:, 0])
+
+
+def reference_data(cfg, args, info, tx, ty, vx, vy):
+    from torchvision import transforms
+
+    steps = [transforms.ToTensor(), transforms.Normalize(info.mean, info.std)]
+    if cfg.model.image_size != tx.shape[-1]:
+        steps.insert(0, transforms.Resize(cfg.model.image_size))
+    tf = transforms.Compose(steps)
+    g = torch.Generator().manual_seed(cfg.train.seed)
+    train_loader = torch.utils.data.DataLoader(PILDataset(tx, ty, tf), batch_size=args.ref_batch, shuffle=True,
+                                               num_workers=args.ref_workers, generator=g)
+    test_loader = torch.utils.data.DataLoader(PILDataset(vx, vy, tf), batch_size=cfg.train.eval_batch_size,
+                                              shuffle=False, num_workers=args.ref_workers)
+    return train_loader, test_loader
+
+
+def build_reference(cfg, dims, info, device, epochs):
+    """The seed's model and optimizer: Adam 1e-3, cosine over `epochs` stepped once per epoch."""
+    torch.manual_seed(cfg.train.seed)
+    model = SeedViT(in_channels=info.in_channels, num_classes=len(info.classes), **dims).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    return model, optimizer, scheduler
+
+
+def reference_step(model, optimizer, x, y, device, tally):
+    x, y = x.to(device), y.to(device)
+    optimizer.zero_grad()
+    out = model(x)
+    loss = F.cross_entropy(out, y)
+    loss.backward()
+    optimizer.step()
+    tally[0] += loss.item() * y.numel()  # the seed's running loss and accuracy: a host sync per step
+    tally[1] += (out.argmax(1) == y).sum().item()
+
+
+def reference_stepper(model, optimizer, scheduler, loader, device):
+    """step_fn(n): n more seed-style steps, a new shuffled epoch (and scheduler step) when one ends."""
+    it, tally = [iter(loader)], [0.0, 0]
+    model.train()
+
+    def step_fn(n):
+        for _ in range(n):
+            batch = next(it[0], None)
+            if batch is None:
+                scheduler.step()
+                it[0] = iter(loader)
+                batch = next(it[0])
+            reference_step(model, optimizer, *batch, device, tally)
+    return step_fn
+
+
+@torch.no_grad()
+def reference_eval(model, loader, device, limit=0):
+    model.eval()
+    correct = n = 0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        correct += (model(x).argmax(1) == y).sum().item()
+        n += y.numel()
+        if limit and n >= limit:
+            break
+    model.train()
+    return correct / max(n, 1), n
+
+
+def reference_time_to_acc(cfg, args, dims, info, device, loaders, clock, target, cap):
+    """The seed's loop from scratch, epoch by epoch, until test accuracy >= target; eval off the clock."""
+    train_loader, test_loader = loaders
+    model, optimizer, scheduler = build_reference(cfg, dims, info, device, args.ref_epochs)
+    spent, acc, curve, tally = 0.0, 0.0, [], [0.0, 0]
+    for _ in range(args.ref_epochs):
+        t0, capped = clock.now(), False
+        for x, y in train_loader:
+            reference_step(model, optimizer, x, y, device, tally)
+            if cap and spent + time.perf_counter() - t0 >= cap:
+                capped = True
+                break
+        scheduler.step()
+        spent += clock.now() - t0
+        acc = reference_eval(model, test_loader, device)[0]
+        curve.append([round(spent, 2), round(acc, 4)])
+        if acc >= target or capped:
+            break
+    return spent, acc, curve
+
+
+def setup_reference(cfg, args, device, clock):
+    """The seed-style pipeline on the same files, at the config's model dims."""
+    d, dims = cfg.data, reference_dims(cfg, args.ref_model)
+    tx, ty, vx, vy, info = load_raw(d.dataset, d.data_root, d.download, cfg.model.image_size, d.num_workers,
+                                    logging.getLogger("bench"))
+    tx, ty = (tx[:d.train_limit], ty[:d.train_limit]) if d.train_limit else (tx, ty)
+    vx, vy = (vx[:d.test_limit], vy[:d.test_limit]) if d.test_limit else (vx, vy)
+    if len(tx) < args.ref_batch:
+        raise UserError(f"the training set has {len(tx)} images, fewer than one reference batch of {args.ref_batch}; "
+                        f"lower --ref-batch or raise data.train_limit")
+    loaders = reference_data(cfg, args, info, tx, ty, vx, vy)
+    model, optimizer, scheduler = build_reference(cfg, dims, info, device, args.ref_epochs)
+    n_eval = min(args.eval_images or len(vx), len(vx))
+    n_eval = min(len(vx), -(-n_eval // cfg.train.eval_batch_size) * cfg.train.eval_batch_size)  # whole batches
+    return Pipeline(
+        "reference", reference_summary(cfg, args, dims, len(tx)),
+        reference_stepper(model, optimizer, scheduler, loaders[0], device),
+        min(args.window_steps, len(loaders[0])), args.ref_batch, len(tx),
+        lambda: reference_eval(model, loaders[1], device, n_eval), n_eval,
+        lambda target, cap: reference_time_to_acc(cfg, args, dims, info, device, loaders, clock, target, cap))
+
+
+def reference_summary(cfg, args, dims, n_train):
+    return {"dataset": cfg.data.dataset, "model": f"nn.TransformerEncoder (batch_first, norm_first), "
+            f"{args.ref_model} dims", "image_size": dims["image_size"], "patch": dims["patch_size"],
+            "dim": dims["dim"], "depth": dims["depth"], "heads": dims["heads"], "mlp_ratio": dims["mlp_ratio"],
+            "batch": args.ref_batch, "optimizer": "adam", "lr": 1e-3,
+            "epochs": args.ref_epochs, "scheduler": "cosine per epoch", "amp": "off", "compile": False,
+            "augment": False, "loader": f"DataLoader(num_workers={args.ref_workers}) + ToTensor/Normalize",
+            "train_images": n_train}
+
+
+# ------------------------------------------------------------------------------------------ output
+
+def emit_speed(rep, pipe, train_s, eval_s):
+    """Images/s per window (median reported) and the epoch time extrapolated from the median."""
+    rates = [pipe.window_steps * pipe.batch / t for t in train_s]
+    med = statistics.median(rates)
+    rep.emit(pipe.name, "train_images_per_s", round(med, 1), "images/s", pipe.summary,
+             windows=[round(r, 1) for r in rates], window_steps=pipe.window_steps)
+    rep.emit(pipe.name, "epoch_time_s", round(pipe.epoch_images / med, 3), "s", pipe.summary,
+             note=f"extrapolated: {pipe.epoch_images} images / the median images/s; no evaluation")
+    rates = [pipe.eval_images / t for t in eval_s]
+    rep.emit(pipe.name, "eval_images_per_s", round(statistics.median(rates), 1), "images/s", pipe.summary,
+             windows=[round(r, 1) for r in rates], eval_images=pipe.eval_images)
+    for metric, (value, unit, note) in pipe.extra.items():
+        rep.emit(pipe.name, metric, value, unit, pipe.summary, note=note)
+
+
+def emit_memory(rep, pipe, device, rss_mib, cuda_mib, scope):
+    rep.emit(pipe.name, "peak_rss_mib", None if rss_mib is None else round(rss_mib, 1), "MiB", pipe.summary,
+             scope=scope, note="set-up, data and warm-up steps (the steady state of the loop)")
+    if cuda_mib is not None:
+        rep.emit(pipe.name, "peak_cuda_allocated_mib", round(cuda_mib, 1), "MiB", pipe.summary)
+
+
+def emit_tta(rep, pipe, target, cap, spent, acc, curve):
+    reached = acc >= target
+    rep.emit(pipe.name, f"time_to_{target:g}_s", round(spent, 2) if reached else None, "s", pipe.summary,
+             reached=reached, final_acc=round(acc, 4), train_s=round(spent, 2), max_train_s=cap or None,
+             curve_s_acc=curve, note="training seconds from a fresh model; evaluation after each epoch is off the clock")
+
+
+def prepare(setup, cfg, args, device, clock, scope):
+    """Set up and warm up one pipeline; returns it with its peak memory over that phase."""
+    pipe = setup(cfg, args, device, clock)
+    warm_up(pipe, args.warmup_steps)
+    cuda = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return pipe, (peak_rss_mib(), cuda, scope)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        check_args(args)
+        cfg = load_config(args.config, args.overrides)
+        device = train.resolve_device(cfg.train.device)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        if args.reference:
+            reference_dims(cfg, args.ref_model)  # a bad combination stops before anything runs
+        rep, clock = Reporter(device), Clock(device)
+        scope = reset_peak_memory(device)
+        pipes = [prepare(setup_ours, cfg, args, device, clock, scope)]
+        if args.reference:
+            scope = reset_peak_memory(device)
+            scope = "process: holds our pipeline too" if scope == "pipeline" else scope
+            pipes.append(prepare(setup_reference, cfg, args, device, clock, scope))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.code
+    train_s = interleaved_seconds([lambda p=p: p.train_steps(p.window_steps) for p, _ in pipes], clock, args.windows)
+    eval_s = interleaved_seconds([p.evaluate for p, _ in pipes], clock, args.windows)
+    for i, (pipe, memory) in enumerate(pipes):
+        emit_speed(rep, pipe, train_s[i], eval_s[i])
+        emit_memory(rep, pipe, device, *memory)
+    if args.target_acc is not None:
+        for pipe, _ in pipes:
+            emit_tta(rep, pipe, args.target_acc, args.max_train_s, *pipe.time_to_acc(args.target_acc, args.max_train_s))
+    rep.ratios({"ref_model": args.ref_model})
+    rep.table()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,367 @@
+"""Predict your own images with a trained checkpoint: a table (or JSON) and one figure per image.
+
+    python infer.py                                        test_digit/ with the newest final weights
+    python infer.py --images photo.jpg --checkpoint checkpoints/mnist_transformer_final.pth
+    python infer.py --images DIR --json --no-show          one JSON array on stdout and nothing else
+
+For the MNIST-style sets the pictures are prepared the way MNIST was made, so that a phone photo
+or scan of dark ink on paper looks like the training data: grey, inverted when the background is
+light, cropped to the ink, scaled into a 20x20 box and put into 28x28 centred on the centre of mass
+(Fashion-MNIST: a 28 box, centred on the box). CIFAR-10 and folder models get RGB resized as in
+training. The model is rebuilt from the checkpoint alone.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+
+from data import IMAGE_EXTS, normalize
+from model import build_model, strip_prefixes
+from utils import UserError, load_checkpoint, load_config, newest_final
+
+MAX_SIDE = 1024  # larger photos are shrunk first: a 28x28 result needs no more, and it bounds the work
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Predict the class of image files with a trained ViT checkpoint.")
+    p.add_argument("--images", default="test_digit", help="an image file or a folder of them (default: test_digit)")
+    p.add_argument("--checkpoint", default=None,
+                   help="weights file, or a folder to take the newest *_final.pth from (default: checkpoint.dir "
+                        "of config.yaml)")
+    p.add_argument("--output", default="outputs", help="folder for one figure per image (default: outputs)")
+    p.add_argument("--no-show", action="store_true", help="do not open a window (default: open one when a display exists)")
+    p.add_argument("--json", action="store_true", help="print one JSON array to stdout and nothing else (no window)")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"),
+                   help="where to run the model (default: auto)")
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------- model
+
+def find_checkpoint(given):
+    if given and not os.path.isdir(given):
+        return given
+    folder = given or load_config().checkpoint.dir
+    path = newest_final(folder)
+    if path is None:
+        raise UserError(f"no *_final.pth in {folder}; train first with python train.py, or pass --checkpoint PATH")
+    return path
+
+
+def load_model(path, device):
+    """(model in eval mode, data_info) from a checkpoint; weights saved on a GPU load anywhere."""
+    ckpt = load_checkpoint(path, map_location="cpu")
+    if "model_args" not in ckpt or "data_info" not in ckpt:
+        raise UserError(f"checkpoint '{path}' has no model_args/data_info, so the model cannot be rebuilt from it; "
+                        f"use a *_final.pth or best.pth written by train.py", code=1)
+    model = build_model(ckpt["model_args"])
+    try:
+        model.load_state_dict(strip_prefixes(ckpt["model"]))
+    except RuntimeError as e:
+        raise UserError(f"checkpoint '{path}': the weights do not fit its model_args "
+                        f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}); "
+                        f"the file was edited or mixed from two runs", code=1)
+    return model.to(device).eval(), ckpt["data_info"], ckpt["model_args"]["image_size"]
+
+
+# -------------------------------------------------------------------------------------- images
+
+def list_images(path):
+    """Image files of a folder (by extension, sorted), or the one file given."""
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise UserError(f"--images {path}: no such file or folder; pass an image or a folder of images")
+    files = sorted(os.path.join(path, n) for n in os.listdir(path)
+                   if n.lower().endswith(IMAGE_EXTS) and os.path.isfile(os.path.join(path, n)))
+    if not files:
+        raise UserError(f"--images {path} holds no images ({', '.join(IMAGE_EXTS)}); add some or pass another folder")
+    return files
+
+
+def open_image(path):
+    """The decoded image, upright as the camera meant it. Raises ValueError with a reason a user can act on."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if os.path.getsize(path) == 0:
+        raise ValueError("empty file (0 bytes)")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+    except UnidentifiedImageError:
+        raise ValueError("not an image that Pillow can read (PNG, JPEG, BMP, ...)")
+    except Exception as e:  # truncated data, decompression bombs, broken headers: all per file
+        raise ValueError(f"cannot decode ({type(e).__name__}: {str(e)[:100]})")
+    if max(im.size) > MAX_SIDE:
+        im.thumbnail((MAX_SIDE, MAX_SIDE))
+    return im
+
+
+def flatten_alpha(im):
+    """Transparent pixels become paper behind the ink: white behind dark ink, black behind light ink."""
+    from PIL import Image
+
+    if im.mode not in ("RGBA", "LA", "PA") and not (im.mode == "P" and "transparency" in im.info):
+        return im
+    rgba = im.convert("RGBA")
+    opaque = np.asarray(rgba.getchannel("A")) > 127
+    lum = np.asarray(rgba.convert("L"))
+    dark_ink = opaque.any() and lum[opaque].mean() < 128
+    paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255) if dark_ink else (0, 0, 0, 255))
+    return Image.alpha_composite(paper, rgba).convert("RGB")
+
+
+def to_gray(im):
+    """float32 (H, W) in 0..255; 16-bit and float images are scaled to their own range."""
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        a = np.asarray(im, dtype=np.float32)
+        return (a - a.min()) * (255.0 / max(float(a.max() - a.min()), 1e-6))
+    return np.asarray(flatten_alpha(im).convert("L"), dtype=np.float32)
+
+
+def border(a):
+    k = max(1, round(0.05 * min(a.shape)))
+    return np.concatenate([a[:k].ravel(), a[-k:].ravel(), a[:, :k].ravel(), a[:, -k:].ravel()])
+
+
+def otsu(a):
+    """The grey level that best splits a 0..255 image into two classes (background and ink)."""
+    hist = np.bincount(np.clip(a, 0, 255).astype(np.uint8).ravel(), minlength=256).astype(np.float64)
+    w0 = np.cumsum(hist)
+    m0 = np.cumsum(hist * np.arange(256))
+    w1 = w0[-1] - w0
+    between = (m0[-1] * w0 - m0 * w0[-1]) ** 2 / np.maximum(w0 * w1, 1e-9)  # scaled between-class variance
+    return int(np.argmax(between[:-1]))
+
+
+def ink_map(gray):
+    """Bright ink on a black background, in [0, 1]: inverted when the background is light, then
+    the paper level (with its noise and uneven light) taken off and the ink stretched to 1."""
+    if np.median(border(gray)) > 127.5:  # the sheet is light: the ink is dark
+        gray = 255.0 - gray
+    edge = border(gray)
+    bg = float(np.median(edge))
+    t = otsu(gray)
+    above = gray[gray > t]
+    hi = float(np.percentile(above, 90)) if above.size else bg
+    if hi - bg < 10:  # no ink to speak of: a blank page
+        return np.zeros_like(gray)
+    lo = min(max(float(np.percentile(edge, 98)), bg + 0.1 * (hi - bg)), bg + 0.5 * (hi - bg))
+    return np.clip((gray - lo) / (hi - lo), 0.0, 1.0)
+
+
+def ink_box(ink):
+    """(top, bottom, left, right) of the ink, end-exclusive, ignoring specks; None if there is none."""
+    from PIL import Image, ImageFilter
+
+    mask = ink > 0.2
+    if min(mask.shape) >= 56:  # large images: a 3x3 median drops isolated noise pixels
+        mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).filter(ImageFilter.MedianFilter(3))) > 0
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    if rows.size == 0:
+        return None
+    return rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+
+
+def resize_float(a, w, h):
+    from PIL import Image
+    return np.asarray(Image.fromarray(a.astype(np.float32), "F").resize((w, h), Image.BILINEAR))
+
+
+def mnist_style(im, size=28, box=20, by_mass=True):
+    """uint8 (size, size), white ink on black, as MNIST was made: crop to the ink with a margin,
+    scale its longer side to `box` px keeping the aspect ratio, then centre on the centre of
+    mass (by_mass) or on the box."""
+    ink = ink_map(to_gray(im))
+    found = ink_box(ink)
+    out = np.zeros((size, size), np.float32)
+    if found is None:
+        return out.astype(np.uint8)
+    t, b, l, r = found
+    scale = box / max(b - t, r - l)
+    m = math.ceil(2 / scale)  # two output pixels of margin keep the blurred stroke edges
+    crop = np.pad(ink, m)[t:b + 2 * m, l:r + 2 * m]
+    small = np.clip(resize_float(crop, max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale))), 0, 1)
+    h, w = small.shape
+    if by_mass and small.sum() > 0:
+        ys, xs = np.indices(small.shape)
+        cy, cx = (small * ys).sum() / small.sum(), (small * xs).sum() / small.sum()
+        dy, dx = round(size / 2 - cy), round(size / 2 - cx)  # MNIST's centres of mass sit at 14.0
+    else:
+        dy, dx = round((size - h) / 2), round((size - w) / 2)
+    # paste `small` at (dy, dx), clipped to the canvas
+    y0, x0, y1, x1 = max(dy, 0), max(dx, 0), min(dy + h, size), min(dx + w, size)
+    if y1 > y0 and x1 > x0:
+        out[y0:y1, x0:x1] = small[y0 - dy:y1 - dy, x0 - dx:x1 - dx]
+    return np.round(out * 255).astype(np.uint8)
+
+
+def colour_style(im, size):
+    """uint8 (3, size, size): RGB resized the way data.py decodes a folder data set."""
+    from PIL import Image
+    return np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.uint8).transpose(2, 0, 1)
+
+
+def prepare(im, info):
+    """uint8 (C, S, S) at the data's native size, ready for data.normalize."""
+    size = int(info["native_size"])
+    if info.get("digit_style"):
+        fashion = info.get("dataset") == "fashion_mnist"  # its items fill a 28 box, centred on the box
+        return mnist_style(im, size, size if fashion else round(size * 20 / 28), by_mass=not fashion)[None]
+    return colour_style(im, size)
+
+
+# ------------------------------------------------------------------------------------ predict
+
+@torch.no_grad()
+def predict(model, batch, info, image_size, device):
+    """(B, K) class probabilities for a uint8 (B, C, S, S) batch, in one forward pass."""
+    x = normalize(torch.from_numpy(batch).to(device), info["mean"], info["std"], image_size)
+    return torch.softmax(model(x).float(), dim=1).cpu()
+
+
+def figure_names(files):
+    """One figure name per file; the extension joins the name only where two files share a stem."""
+    stems = [os.path.splitext(os.path.basename(f))[0] for f in files]
+    return [f"{s}_{os.path.splitext(f)[1][1:].lower()}.png" if stems.count(s) > 1 else f"{s}.png"
+            for s, f in zip(stems, files)]
+
+
+def save_figure(path, original, seen, probs, classes, title, keep_open):
+    """The original, the model's view of it, and the class probabilities with the prediction in red."""
+    import matplotlib.pyplot as plt
+
+    pred = int(probs.argmax())
+    fig, ax = plt.subplots(1, 3, figsize=(12, 3.6), gridspec_kw={"width_ratios": [1, 1, 1.8]})
+    ax[0].imshow(np.asarray(flatten_alpha(original).convert("RGB")))
+    ax[0].set_title(f"original {original.size[0]}x{original.size[1]} {original.mode}", fontsize=9)
+    if seen.shape[0] == 1:
+        ax[1].imshow(seen[0], cmap="gray", vmin=0, vmax=255)
+    else:
+        ax[1].imshow(seen.transpose(1, 2, 0))
+    ax[1].set_title(f"model input {seen.shape[2]}x{seen.shape[1]}", fontsize=9)
+    for a in ax[:2]:
+        a.set_xticks([])
+        a.set_yticks([])
+    ax[2].bar(range(len(classes)), probs.numpy(), color=["tab:red" if k == pred else "tab:gray" for k in range(len(classes))])
+    ax[2].set_xticks(range(len(classes)), classes, rotation=0 if max(map(len, classes)) <= 2 else 45,
+                     ha="center" if max(map(len, classes)) <= 2 else "right", fontsize=8)
+    ax[2].set_ylim(0, 1)
+    ax[2].set_ylabel("probability")
+    ax[2].set_title(f"{classes[pred]}  ({100 * float(probs[pred]):.1f}%)", color="tab:red")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    if not keep_open:
+        plt.close(fig)
+
+
+def display_available():
+    if sys.platform.startswith("linux") or "bsd" in sys.platform:
+        return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+    return True  # macOS and Windows sessions have a screen
+
+
+def choose_backend(show):
+    """True if windows can open; otherwise matplotlib draws to files only (Agg)."""
+    import matplotlib
+    if show:
+        try:
+            import matplotlib.pyplot as plt
+            plt.close(plt.figure())  # a DISPLAY that no server answers fails here, not mid-run
+            if matplotlib.get_backend().lower() != "agg":
+                return True
+        except Exception:
+            pass
+    matplotlib.use("Agg", force=True)
+    return False
+
+
+def print_table(results):
+    width = max(len(r["file"]) for r in results)
+    print(f"{'file':<{width}}  {'class':<12} {'conf':>6}  top-3")
+    for r in results:
+        if r["pred"] is None:
+            print(f"{r['file']:<{width}}  {'-':<12} {'-':>6}  error: {r['error']}")
+        else:
+            top = " | ".join(f"{name} {100 * p:.1f}%" for name, p in r["top3"])
+            print(f"{r['file']:<{width}}  {r['label']:<12} {100 * r['confidence']:5.1f}%  {top}")
+
+
+def error_row(path, reason):
+    return {"file": path, "pred": None, "label": None, "confidence": None, "probs": None, "error": reason}
+
+
+def prediction_row(path, p, classes, figure):
+    top = p.topk(min(3, len(classes)))
+    return {"file": path, "pred": int(top.indices[0]), "label": classes[int(top.indices[0])],
+            "confidence": round(float(top.values[0]), 6), "probs": [round(float(v), 6) for v in p],
+            "top3": [[classes[int(k)], round(float(v), 6)] for v, k in zip(top.values, top.indices)], "figure": figure}
+
+
+def predict_files(files, model, info, image_size, device, output, show):
+    """One row per file, in the order given: unreadable files get an error, the rest go through
+    the model as one batch and get a figure each."""
+    rows, opened = {}, {}
+    for f in files:
+        try:
+            opened[f] = open_image(f)
+        except (ValueError, OSError) as e:
+            rows[f] = error_row(f, str(e))
+    good = list(opened)
+    if good:
+        batch = np.stack([prepare(opened[f], info) for f in good])  # (B, C, S, S) uint8
+        probs = predict(model, batch, info, image_size, device)
+        os.makedirs(output, exist_ok=True)
+        classes = list(info["classes"])
+        for i, (f, name) in enumerate(zip(good, figure_names(good))):
+            figure = os.path.join(output, name)
+            save_figure(figure, opened[f], batch[i], probs[i], classes, os.path.basename(f), keep_open=show and i < 12)
+            rows[f] = prediction_row(f, probs[i], classes, figure)
+    return [rows[f] for f in files]
+
+
+def run(args):
+    show = choose_backend(not args.no_show and not args.json and display_available())
+    from train import resolve_device
+
+    files = list_images(args.images)
+    path = find_checkpoint(args.checkpoint)
+    device = resolve_device(args.device)
+    model, info, image_size = load_model(path, device)
+    results = predict_files(files, model, info, image_size, device, args.output, show)
+    n_good = sum(r["pred"] is not None for r in results)
+    if args.json:
+        print(json.dumps(results))
+    else:
+        print(f"checkpoint: {path} ({info['dataset']}, {len(info['classes'])} classes) on {device}")
+        print_table(results)
+        if n_good:
+            print(f"figures: {n_good} in {args.output}/")
+    if not n_good:
+        raise UserError(f"none of the {len(files)} file(s) in {args.images} could be read as an image", code=1)
+    if show:
+        import warnings
+        import matplotlib.pyplot as plt
+        with warnings.catch_warnings():  # a display without a GUI toolkit: the figures are saved anyway
+            warnings.simplefilter("ignore", UserWarning)
+            plt.show()
+    return 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,384 @@
+"""Distributed training on CPU with gloo, on 127.0.0.1 only: every launcher (--num-gpus, torchrun on
+one and two "nodes", a PyTorchJob-style launch by hand) must give the parameters of one process with
+the same global batch; evaluation counts each image once; a failing, killed or preempted rank never
+leaves the group hanging and never costs an epoch twice.
+
+The reference is one process with batch 32; two ranks use batch 16 each (the same global batch),
+so the runs agree up to floating-point order. The file doubles as a driver that injects a fault
+into one rank: python tests/test_distributed.py raise|term|kill RANK CALL [train.py arguments].
+"""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, small_run_args, write_idx_set
+
+N_TRAIN, N_TEST = 640, 1001   # 20 steps per epoch at global batch 32; an odd test split
+EPOCHS = ("train.epochs=2",)
+TWO_RANKS = ("train.batch_size=16",)  # per rank: global batch 32, as the reference
+WEIGHT_TOL = 1e-5                # same run up to floating-point order (measured: 2.4e-7)
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
+TRAIN_PY = os.path.join(ROOT, "train.py")
+DRIVER = os.path.abspath(__file__)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(**extra):
+    """The test's own environment minus any launcher variables, one thread per process (2 cores)."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS and not k.startswith("TORCHELASTIC")}
+    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+def start(cmd, out_dir, name, env):
+    """Start a process with stdout and stderr in files (a full pipe would block a worker)."""
+    os.makedirs(out_dir, exist_ok=True)
+    out = open(os.path.join(out_dir, f"{name}.out"), "w")
+    err = open(os.path.join(out_dir, f"{name}.err"), "w")
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err)
+
+
+def wait_all(procs, timeout):
+    """Exit codes and the seconds each process took; kills everything still alive at the deadline."""
+    t0, took = time.time(), [None] * len(procs)
+    try:
+        while any(t is None for t in took):
+            for i, p in enumerate(procs):
+                if took[i] is None and p.poll() is not None:
+                    took[i] = time.time() - t0
+            if time.time() - t0 > timeout:
+                raise AssertionError(f"processes still running after {timeout}s (finished after: {took})")
+            time.sleep(0.05)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return [p.returncode for p in procs], took
+
+
+def read_text(out_dir, name):
+    with open(os.path.join(out_dir, name)) as f:
+        return f.read()
+
+
+def by_hand(argvs, out_dir, timeout=240, **env):
+    """A PyTorchJob pod's view: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set; LOCAL_RANK not."""
+    port, world = free_port(), len(argvs)
+    procs = [start([sys.executable] + argv, out_dir, f"rank{r}",
+                   clean_env(RANK=str(r), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **env))
+             for r, argv in enumerate(argvs)]
+    return wait_all(procs, timeout)
+
+
+def torchrun(flags, script_argv, out_dir, name, **env):
+    return start([sys.executable, "-m", "torch.distributed.run"] + flags + script_argv, out_dir, name, clean_env(**env))
+
+
+def read_metrics(log_dir):
+    with open(os.path.join(log_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def final_weights(run_dir, name="mnist_transformer_final.pth"):
+    """The weights, less the key third of each qkv bias: softmax ignores it, so its true gradient is
+    zero and Adam turns the rounding noise there into full-size steps of +-lr."""
+    w = torch.load(os.path.join(run_dir, "ckpt", name), map_location="cpu", weights_only=True)["model"]
+    for k in [k for k in w if k.endswith("attn.qkv.bias")]:
+        q, _, v = w[k].chunk(3)
+        w[k] = torch.cat([q, v])
+    return w
+
+
+def max_weight_diff(dir_a, dir_b):
+    wa, wb = final_weights(dir_a), final_weights(dir_b)
+    assert wa.keys() == wb.keys()
+    return max((wa[k].double() - wb[k].double()).abs().max().item() for k in wa)
+
+
+def assert_same_run(run_dir, reference):
+    """Same parameters (allclose) and the same per-epoch metrics as the one-process reference."""
+    assert max_weight_diff(run_dir, reference) < WEIGHT_TOL
+    got, want = read_metrics(os.path.join(run_dir, "logs")), read_metrics(os.path.join(reference, "logs"))
+    assert [r["epoch"] for r in got] == [r["epoch"] for r in want]
+    for g, w in zip(got, want):
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
+            assert g[key] == pytest.approx(w[key], rel=1e-4, abs=2e-3 if key.endswith("acc") else 1e-6), key
+
+
+def args_for(run_dir, data_root, *extra):
+    return small_run_args(run_dir, data_root, *EPOCHS, *extra)
+
+
+# ----------------------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp_data")
+    write_idx_set(str(root / "MNIST" / "raw"), n_train=N_TRAIN, n_test=N_TEST)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_root):
+    """One process, batch 32, 2 epochs: what every 2-rank launcher must reproduce."""
+    import train
+    run_dir = str(tmp_path_factory.mktemp("ref"))
+    assert train.main(args_for(run_dir, data_root)) == 0
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory, data_root):
+    """python train.py --num-gpus 2 train.device=cpu, batch 16 per rank."""
+    run_dir = str(tmp_path_factory.mktemp("spawned"))
+    cmd = [sys.executable, TRAIN_PY, "--num-gpus", "2"] + args_for(run_dir, data_root, *TWO_RANKS)
+    r = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return run_dir, r.stdout + r.stderr
+
+
+# ---------------------------------------------------------------------------------- fast unit pieces
+
+def test_dist_env_pytorchjob_has_no_local_rank(monkeypatch):
+    import train
+    for k in DIST_VARS:
+        monkeypatch.delenv(k, raising=False)
+    assert train.dist_env(train.parse_args([])) == (0, 1, 0)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert train.dist_env(train.parse_args([])) == (3, 4, 0)  # PyTorchJob pod: LOCAL_RANK unset -> 0
+    assert train.dist_env(train.parse_args(["--local-rank", "1"])) == (3, 4, 1)
+    assert train.dist_env(train.parse_args(["--local_rank=2"])) == (3, 4, 2)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert train.dist_env(train.parse_args(["--local_rank", "1"])) == (3, 4, 0)  # the environment wins
+
+
+def test_backend_choice_libuv_and_mps(monkeypatch):
+    import train
+    from utils import UserError, load_config
+    assert train.pick_backend("auto", torch.device("cpu")) == "gloo"
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert train.pick_backend("auto", torch.device("cuda", 0)) == "nccl"
+    assert train.pick_backend("gloo", torch.device("cuda", 0)) == "gloo"
+    monkeypatch.setattr(sys, "platform", "win32")
+    assert train.pick_backend("auto", torch.device("cuda", 0)) == "gloo"
+    seen = {}
+    monkeypatch.delenv("USE_LIBUV", raising=False)
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    monkeypatch.setattr(train.dist, "init_process_group",
+                        lambda backend, **kw: seen.update(backend=backend, libuv=os.environ.get("USE_LIBUV"), **kw))
+    cfg = load_config(None, ["train.device=cpu"])
+    train.init_distributed(cfg, torch.device("cpu"), 1, 2)
+    assert seen["backend"] == "gloo" and seen["libuv"] == "0" and seen["world_size"] == 2  # set before rendezvous
+    assert seen["store"] is None  # plain env:// outside torchrun's shared store
+    with pytest.raises(UserError, match="MPS cannot run more than one process"):
+        train.init_distributed(cfg, torch.device("mps"), 0, 2)
+    with pytest.raises(UserError, match="nccl needs CUDA"):
+        train.init_distributed(load_config(None, ["distributed.backend=nccl"]), torch.device("cpu"), 0, 2)
+
+
+def test_num_gpus_without_gpus_is_a_clear_error(monkeypatch, capsys):
+    import train
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for k in DIST_VARS:
+        monkeypatch.delenv(k, raising=False)
+    assert train.main(["--num-gpus", "2", "--no-mps"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no GPU is visible" in err and "train.device=cpu" in err
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert train.main(["--num-gpus", "2", "train.device=cpu"]) == 2
+    assert "cannot be used under torchrun" in capsys.readouterr().err
+
+
+def test_lost_peer_is_recognised():
+    import train
+    gloo = RuntimeError("[pair.cc:561] Connection closed by peer [127.0.0.1]:1234. This is typically ...")
+    assert train.lost_peer(gloo, 2) and not train.lost_peer(gloo, 1)
+    assert train.lost_peer(RuntimeError("Timed out waiting 5000ms for recv operation to complete"), 2)
+    assert not train.lost_peer(RuntimeError("mat1 and mat2 shapes cannot be multiplied"), 2)  # a bug keeps its traceback
+
+
+# ------------------------------------------------------------------------------- launchers, parity
+
+@pytest.mark.slow
+def test_num_gpus_2_on_cpu_matches_one_process(spawned, reference):
+    """DDP parity: 2 ranks x batch 16 == 1 rank x batch 32, and only rank 0 wrote anything."""
+    run_dir, out = spawned
+    assert_same_run(run_dir, reference)
+    assert [r["world_size"] for r in read_metrics(os.path.join(run_dir, "logs"))] == [2, 2]
+    assert "world size 2" in out and "global batch 32" in out
+    assert "rank1 INFO" not in out and "rank1" not in read_text(run_dir, "logs/train.log")
+    # the tolerance is tight: one epoch of training moves the weights a thousand times further
+    first, last = final_weights(reference, "epoch_001.pt"), final_weights(reference)
+    assert max((first[k] - last[k]).abs().max().item() for k in last) > 1000 * WEIGHT_TOL
+    assert sorted(os.listdir(os.path.join(run_dir, "ckpt"))) == sorted(os.listdir(os.path.join(reference, "ckpt")))
+
+
+@pytest.mark.slow
+def test_eval_counts_each_image_once_under_torchrun(spawned, data_root, tmp_path, capsys):
+    """1001 test images on 2 ranks: no padded duplicate, no dropped tail, the 1-process numbers."""
+    import train
+    ckpt = os.path.join(spawned[0], "ckpt", "mnist_transformer_final.pth")
+    argv = ["--eval", "--checkpoint", ckpt] + small_run_args(tmp_path, data_root)
+    capsys.readouterr()
+    assert train.main(argv) == 0
+    one = capsys.readouterr().out
+    p = torchrun(["--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port())],
+                 [TRAIN_PY] + argv, str(tmp_path), "torchrun")
+    codes, _ = wait_all([p], 180)
+    two = read_text(str(tmp_path), "torchrun.out")
+    assert codes == [0], two + read_text(str(tmp_path), "torchrun.err")
+    pick = lambda text: [ln for ln in text.splitlines() if ln.startswith(("Total", "Global", "  class"))]  # noqa: E731
+    assert "Total Samples: 1001" in pick(one) and len(pick(one)) == 13
+    assert pick(two) == pick(one)
+
+
+@pytest.mark.slow
+def test_two_node_torchrun_on_loopback(reference, data_root, tmp_path):
+    """--nnodes 2 --node_rank 0/1 --master_addr 127.0.0.1: one process per 'node'."""
+    run_dir, port = str(tmp_path / "run"), str(free_port())
+    argv = [TRAIN_PY] + args_for(run_dir, data_root, *TWO_RANKS)
+    nodes = [torchrun(["--nnodes", "2", "--node_rank", str(r), "--nproc_per_node", "1", "--master_addr", "127.0.0.1",
+                       "--master_port", port], argv, str(tmp_path), f"node{r}") for r in (0, 1)]
+    codes, _ = wait_all(nodes, 240)
+    assert codes == [0, 0], read_text(str(tmp_path), "node0.err") + read_text(str(tmp_path), "node1.err")
+    assert_same_run(run_dir, reference)
+
+
+@pytest.mark.slow
+def test_pytorchjob_style_launch_by_hand(reference, data_root, tmp_path):
+    """RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set by hand, no LOCAL_RANK, environment=k8s."""
+    run_dir = str(tmp_path / "run")
+    argv = [TRAIN_PY, "environment=k8s"] + args_for(run_dir, data_root, *TWO_RANKS)
+    codes, _ = by_hand([argv, argv], str(tmp_path))
+    assert codes == [0, 0], read_text(str(tmp_path), "rank0.err") + read_text(str(tmp_path), "rank1.err")
+    assert_same_run(run_dir, reference)
+    saved = read_text(run_dir, "logs/config.yaml")
+    assert "environment: k8s" in saved and "resume: auto" in saved  # the k8s profile applied under the overrides
+    assert "INFO" not in read_text(str(tmp_path), "rank1.out")  # other ranks: warnings only
+
+
+# --------------------------------------------------------------------------------- resume N -> M
+
+@pytest.mark.slow
+def test_checkpoint_from_2_ranks_resumes_on_1(spawned, reference, data_root, tmp_path):
+    """epoch_001.pt of the 2-rank run, continued by 1 process with the same global batch, ends where
+    the 1-process run ends; with a different global batch the lr schedule still ends at its end."""
+    import train
+    for name, batch in (("same", 32), ("half", 16)):
+        run_dir = tmp_path / name
+        shutil.copytree(os.path.join(spawned[0], "ckpt"), run_dir / "ckpt")
+        for f in ("epoch_002.pt", "mnist_transformer_final.pth"):
+            os.remove(run_dir / "ckpt" / f)
+        argv = args_for(str(run_dir), data_root, f"train.batch_size={batch}", "checkpoint.resume=true")
+        assert train.main(argv) == 0
+        m = read_metrics(run_dir / "logs")
+        assert [r["epoch"] for r in m] == [1, 2] and [r["world_size"] for r in m] == [2, 1]
+        assert m[-1]["lr"] == 0.0  # cosine to 0: the schedule counted the new world's steps
+        if name == "same":
+            assert_same_run(str(run_dir), reference)
+        else:
+            assert "global batch of 32, continuing with 16" in read_text(str(run_dir), "logs/train.log")
+            assert m[-1]["val_acc"] > 0.9
+
+
+# ------------------------------------------------------------------------------------------- faults
+
+@pytest.mark.slow
+def test_preempting_one_pod_saves_one_checkpoint_then_resumes(reference, data_root, tmp_path):
+    """SIGTERM to rank 1 alone, mid epoch 2, in a PyTorchJob-style group: both ranks agree on one
+    step checkpoint and exit 143 (a PyTorchJob restarts such pods; 0 would end the job). The run
+    continued by one process with batch 32 (checkpoint.resume: auto in k8s) ends where the reference ends."""
+    import train
+    run_dir = str(tmp_path / "run")
+    k8s = ("environment=k8s",) + tuple(args_for(run_dir, data_root))
+    argv = [DRIVER, "term", "1", "25", *k8s, *TWO_RANKS, "train.log_interval=4"]
+    codes, _ = by_hand([argv, argv], str(tmp_path))
+    err = read_text(str(tmp_path), "rank0.err") + read_text(str(tmp_path), "rank1.err")
+    assert codes == [143, 143], err
+    assert "Traceback" not in err
+    ckpts = sorted(n for n in os.listdir(os.path.join(run_dir, "ckpt")) if n.startswith("epoch_"))
+    assert ckpts == ["epoch_001.pt", "epoch_001_step000008.pt"]  # call 25 = epoch 2 step 5; agreed at step 8
+    assert [r["epoch"] for r in read_metrics(os.path.join(run_dir, "logs"))] == [1]
+    assert "stopped by signal at epoch 2, step 8/20" in read_text(run_dir, "logs/train.log")
+    assert train.main(list(k8s)) == 0
+    assert "resumed from" in read_text(run_dir, "logs/train.log")
+    assert_same_run(run_dir, reference)
+
+
+@pytest.mark.slow
+def test_killed_worker_restarts_and_resumes_under_torchrun(reference, data_root, tmp_path):
+    """torchrun --max-restarts 1: SIGKILL of rank 0 (the writer) in epoch 2; the group restarts,
+    resumes from epoch_001.pt on its own, and every epoch is in metrics.jsonl once."""
+    run_dir = str(tmp_path / "run")
+    argv = [DRIVER, "kill", "0", "25"] + args_for(run_dir, data_root, *TWO_RANKS, "distributed.timeout_s=30")
+    p = torchrun(["--nproc_per_node", "2", "--max-restarts", "1", "--rdzv-backend", "c10d",
+                  "--rdzv-endpoint", f"127.0.0.1:{free_port()}"], argv, str(tmp_path), "torchrun")
+    codes, _ = wait_all([p], 300)
+    out = read_text(str(tmp_path), "torchrun.out") + read_text(str(tmp_path), "torchrun.err")
+    assert codes == [0], out
+    assert "resumed from" in out and "epoch_001.pt (epoch 1, step 0)" in out
+    assert [r["epoch"] for r in read_metrics(os.path.join(run_dir, "logs"))] == [1, 2]
+    assert_same_run(run_dir, reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["bad_data_on_rank0", "crash_in_step_on_rank1"])
+def test_a_failing_rank_ends_the_group(fault, data_root, tmp_path):
+    """Every process exits non-zero, long before distributed.timeout_s; the survivor says why in
+    one line."""
+    base = args_for(str(tmp_path / "run"), data_root, *TWO_RANKS, "distributed.timeout_s=60", "data.download=false")
+    if fault == "bad_data_on_rank0":  # rank 0 also hosts the rendezvous store
+        argvs = [[TRAIN_PY] + base + ["data.data_root=/nonexistent"], [TRAIN_PY] + base]
+        failing, survivor = 0, 1
+    else:
+        argvs = [[DRIVER, "raise", "1", "5"] + base] * 2
+        failing, survivor = 1, 0
+    codes, took = by_hand(argvs, str(tmp_path), timeout=90)
+    assert all(c != 0 for c in codes), codes
+    assert took[survivor] - took[failing] < 20, took  # the crash is seen at once, not after the 60 s timeout
+    cause = read_text(str(tmp_path), f"rank{failing}.err")
+    assert ("/nonexistent/MNIST/raw" in cause) if failing == 0 else ("injected failure" in cause)
+    said = read_text(str(tmp_path), f"rank{survivor}.err")
+    assert f"error (rank {survivor}): another rank failed" in said and "Traceback" not in said
+
+
+# ------------------------------------------------------------------------------------ fault driver
+
+def fault_driver(argv):
+    """On rank RANK, at the CALL-th training batch of the first attempt: raise, SIGTERM or SIGKILL."""
+    action, target, at, rest = argv[0], int(argv[1]), int(argv[2]), argv[3:]
+    import train
+    real, calls = train.augment, [0]
+
+    def augment(*a, **kw):
+        calls[0] += 1
+        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        if int(os.environ.get("RANK", "0")) == target and calls[0] == at and first_attempt:
+            if action == "raise":
+                raise RuntimeError("injected failure")
+            os.kill(os.getpid(), signal.SIGTERM if action == "term" else signal.SIGKILL)
+        return real(*a, **kw)
+    train.augment = augment
+    return train.main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(fault_driver(sys.argv[1:]))
