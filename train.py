@@ -11,6 +11,7 @@ sums, and only rank 0 writes files.
 import argparse
 import contextlib
 import datetime
+import io
 import json
 import math
 import os
@@ -23,12 +24,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 from data import augment, batch_generator, epoch_permutation, load_data, normalize, shard_bounds
 from model import build_model, final_weights_name, model_args_from_config, strip_prefixes
 from utils import (UserError, append_line, atomic_write_bytes, epoch_ckpt_name, find_resume_checkpoint,
-                   get_rng_state, load_checkpoint, load_config, prune_checkpoints, serialize, set_rng_state,
-                   seed_everything, setup_logging, timestamp, to_plain, write_metrics)
+                   get_rng_state, load_checkpoint, load_config, newest_final, prune_checkpoints, serialize,
+                   set_rng_state, seed_everything, setup_logging, timestamp, to_plain, write_metrics)
 
 
 def parse_args(argv=None):
@@ -338,7 +340,6 @@ def _pyplot():
 
 def _save_figure(fig, path):
     """PNG written atomically: a reader never sees half a plot."""
-    import io
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
@@ -531,15 +532,12 @@ def setup(cfg, args, rank, world, local_rank):
 
 
 def run_eval(cfg, args, rank, world, local_rank):
-    from utils import newest_final
-
     path = args.checkpoint or newest_final(cfg.checkpoint.dir)
     if path is None:
         raise UserError(f"--eval needs --checkpoint PATH (no *_final.pth in {cfg.checkpoint.dir})")
     ckpt = load_checkpoint(path)
     device, logger = setup(cfg, args, rank, world, local_rank)
     info_d, margs = ckpt["data_info"], ckpt["model_args"]
-    from omegaconf import OmegaConf
     dcfg = OmegaConf.merge(cfg.data, {"dataset": info_d["dataset"], "train_limit": 1})
     _, test, info = load_data(dcfg, margs["image_size"], device, logger)
     info.mean, info.std, info.classes = tuple(info_d["mean"]), tuple(info_d["std"]), info_d["classes"]
@@ -700,7 +698,6 @@ def _train_loop(cfg, ctx, raw_model, model, optimizer, schedule, scaler, state, 
 
 
 def _yaml(cfg):
-    from omegaconf import OmegaConf
     return OmegaConf.to_yaml(cfg).encode()
 
 

@@ -67,19 +67,21 @@ RANGES = {
 
 
 def _leaves(node, prefix=""):
-    """Yield (dotted key, value) for every leaf of a nested dict."""
+    """Yield (dotted key, value) for every leaf of a nested dict. `profiles` holds overlays of
+    these keys, not keys of its own: _check_known reads it."""
     for key, value in node.items():
         path = f"{prefix}{key}"
-        if isinstance(value, dict) and value and not path.startswith("profiles.") and path != "profiles":
-            yield from _leaves(value, path + ".")
-        elif path == "profiles" or path.startswith("profiles."):
+        if path == "profiles":
             continue
+        if isinstance(value, dict) and value:
+            yield from _leaves(value, path + ".")
         else:
             yield path, value
 
 
-def _schema():
-    return dict(_leaves(OmegaConf.to_container(OmegaConf.load(DEFAULT_CONFIG))))
+def _schema(defaults):
+    """Every known key with its default, from the parsed config.yaml."""
+    return dict(_leaves(defaults))
 
 
 def _check_known(node, schema, where, prefix=""):
@@ -109,16 +111,10 @@ def _check_known(node, schema, where, prefix=""):
 
 
 def _near(path, schema):
-    """The known keys in the same group as a misspelt one, so the message shows the fix."""
-    group = path.rsplit(".", 1)[0] + "." if "." in path else ""
-    same = [k for k in schema if k.startswith(group)] if group and any(k.startswith(group) for k in schema) else []
-    if not same:
-        same = sorted({k.split(".")[0] for k in schema})
-    return ", ".join(same[:40])
-
-
-def _type_name(value):
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(type(value), type(value).__name__)
+    """The known keys in the misspelt key's group (or the groups), so the message shows the fix."""
+    group = path.rsplit(".", 1)[0] + "." if "." in path else None
+    same = [k for k in schema if group and k.startswith(group)]
+    return ", ".join(same or sorted({k.split(".")[0] for k in schema}))
 
 
 def _check_value(key, value, default):
@@ -153,9 +149,9 @@ def _check_value(key, value, default):
             raise UserError(f"{key}={value!r} is out of range; it must be {' and '.join(s for s in (lo_s, hi_s) if s)}")
 
 
-def validate_config(cfg):
-    """Types, ranges and the cross-key rules. Raises UserError naming the key."""
-    schema = _schema()
+def validate_config(cfg, schema):
+    """Types, ranges and the cross-key rules against `schema` (key -> default). Raises UserError
+    naming the key."""
     values = dict(_leaves(OmegaConf.to_container(cfg, resolve=True)))
     for key, default in schema.items():
         _check_value(key, values.get(key), default)
@@ -195,8 +191,8 @@ def load_config(config_file=None, overrides=(), extra=None):
     """config.yaml < --config FILE < the environment's profile < overrides (< `extra`, from flags).
 
     Returns a validated, read-only DictConfig. Raises UserError on any problem."""
-    schema = _schema()
     base = _load_yaml(DEFAULT_CONFIG, "default config")
+    schema = _schema(base)
     layers = [base]
     if config_file and os.path.abspath(config_file) != DEFAULT_CONFIG:
         preset = _load_yaml(config_file, "config file")
@@ -211,7 +207,7 @@ def load_config(config_file=None, overrides=(), extra=None):
         raise UserError(f"environment={env!r} is not allowed; choose one of: {'|'.join(CHOICES['environment'])}")
     profile = OmegaConf.to_container(merged.profiles).get(env) or {}
     cfg = OmegaConf.merge(merged, profile, *layers_cli)
-    validate_config(cfg)
+    validate_config(cfg, schema)
     OmegaConf.set_readonly(cfg, True)
     return cfg
 
