@@ -5,6 +5,7 @@ an ImageFolder tree for `folder`), so re-packed archives with other checksums wo
 torchvision's dataset classes are used only to download what is missing.
 """
 import gzip
+import math
 import os
 import pickle
 import tarfile
@@ -305,6 +306,20 @@ def random_shift(x, pad, offsets):
     return padded.gather(3, cols.expand(B, C, H, W))
 
 
+def random_affine(x, degrees, scale, gen, lo, total):
+    """Rotate by up to +-degrees and scale by 1+-scale, each image its own draw, with one
+    affine_grid/grid_sample for the whole batch; the background outside fills with 0 (black, as
+    the digit sets). uint8 in, uint8 out."""
+    B = x.shape[0]
+    angle = (torch.rand(total, generator=gen)[lo:lo + B] * 2 - 1) * math.radians(degrees)
+    zoom = 1 + (torch.rand(total, generator=gen)[lo:lo + B] * 2 - 1) * scale
+    cos, sin, zero = torch.cos(angle) / zoom, torch.sin(angle) / zoom, torch.zeros(B)
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)  # (B, 2, 3)
+    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
+    out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
 def augment(x, gen, dcfg, digit_style, lo=0, total=None):
     """Whole-batch training augmentation on uint8 images.
 
@@ -314,6 +329,8 @@ def augment(x, gen, dcfg, digit_style, lo=0, total=None):
     if not dcfg.augment:
         return x
     B, total = x.shape[0], total or x.shape[0]
+    if digit_style and (dcfg.rotate or dcfg.scale):
+        x = random_affine(x, dcfg.rotate, dcfg.scale, gen, lo, total)
     pad = dcfg.translate if digit_style else dcfg.crop_padding
     if pad:
         x = random_shift(x, pad, torch.randint(0, 2 * pad + 1, (2, total), generator=gen)[:, lo:lo + B])

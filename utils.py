@@ -45,7 +45,7 @@ CHOICES = {
 RANGES = {
     "data.num_workers": (0, True, 64, True), "data.train_limit": (0, True, None, None),
     "data.test_limit": (0, True, None, None), "data.translate": (0, True, 8, True),
-    "data.crop_padding": (0, True, 32, True),
+    "data.crop_padding": (0, True, 32, True), "data.rotate": (0, True, 180, True), "data.scale": (0, True, 0.5, True),
     "model.image_size": (1, True, 1024, True), "model.patch_size": (1, True, None, None),
     "model.dim": (1, True, None, None), "model.depth": (1, True, None, None), "model.heads": (1, True, None, None),
     "model.mlp_ratio": (0, False, None, None), "model.dropout": (0, True, 1, False),

@@ -12,7 +12,7 @@ from data import (DataError, augment, batch_generator, epoch_permutation, load_r
 
 
 def aug_cfg(**kw):
-    base = {"augment": True, "translate": 2, "crop_padding": 4, "hflip": True}
+    base = {"augment": True, "translate": 2, "crop_padding": 4, "hflip": True, "rotate": 0, "scale": 0.0}
     base.update(kw)
     return OmegaConf.create(base)
 
@@ -124,6 +124,20 @@ def test_augment_slice_matches_global_batch():
     whole = augment(x, batch_generator(1, 2, 3), aug_cfg(), False)
     half = augment(x[4:], batch_generator(1, 2, 3), aug_cfg(), False, lo=4, total=8)
     assert torch.equal(whole[4:], half)
+
+
+def test_random_affine_rotates_per_image_and_keeps_ink():
+    x = torch.zeros(32, 1, 28, 28, dtype=torch.uint8)
+    x[:, :, 6:22, 12:16] = 255  # a vertical bar: rotation turns it, so its columns spread
+    cfg = aug_cfg(translate=0, rotate=30, scale=0.1)
+    out = augment(x, batch_generator(0, 1, 0), cfg, digit_style=True)
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    mass = out.float().sum((1, 2, 3)) / x.float().sum((1, 2, 3))
+    assert ((mass > 0.75) & (mass < 1.3)).all()  # zoom of +-10% changes the area by at most ~21%
+    width = (out > 127).any(dim=2).sum((1, 2))  # columns touched by the bar, per image
+    assert width.max() > 6 and len(set(width.tolist())) > 3  # turned, and by different angles
+    half = augment(x[16:], batch_generator(0, 1, 0), cfg, True, lo=16, total=32)
+    assert torch.equal(out[16:], half)  # a rank's slice matches the global batch
 
 
 def test_normalize_resizes_on_device():
