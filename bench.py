@@ -274,10 +274,7 @@ def setup_ours(cfg, args, device, clock):
     t0 = time.perf_counter()
     train_split, test_split, info = load_data(cfg.data, cfg.model.image_size, device, logger)
     load_s = time.perf_counter() - t0
-    spe = len(train_split) // tcfg.batch_size
-    if spe == 0:
-        raise UserError(f"the training set has {len(train_split)} images, fewer than one batch of {tcfg.batch_size}; "
-                        f"lower train.batch_size or raise data.train_limit")
+    spe = train.count_steps(len(train_split), tcfg.batch_size)
     ctx = train.RunCtx(cfg, device, 0, 1, info, train.amp_dtype_for(tcfg.amp, device), spe, logger)
     model_args = model_args_from_config(cfg.model, info.in_channels, len(info.classes))
     parts = train.build_training(cfg, ctx, model_args)

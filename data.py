@@ -188,12 +188,18 @@ def _extract_cifar_tar(data_root):
 
 # ---------------------------------------------------------------------------------- folder dataset
 
+def rgb_uint8(im, size):
+    """A PIL image as uint8 (3, size, size): how folder data sets are stored, and how infer.py
+    prepares an image for a colour model."""
+    from PIL import Image
+    return np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.uint8).transpose(2, 0, 1)
+
+
 def _decode(path, size):
     from PIL import Image
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB").resize((size, size), Image.BILINEAR)
-            return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+            return rgb_uint8(im, size)
     except Exception as e:
         raise DataError(f"{path}: not a readable image ({e}); remove or replace it")
 

@@ -19,7 +19,7 @@ import sys
 import numpy as np
 import torch
 
-from data import IMAGE_EXTS, normalize
+from data import IMAGE_EXTS, normalize, rgb_uint8
 from model import build_model, strip_prefixes
 from utils import UserError, load_checkpoint, load_config, newest_final
 
@@ -201,19 +201,13 @@ def mnist_style(im, size=28, box=20, by_mass=True):
     return np.round(out * 255).astype(np.uint8)
 
 
-def colour_style(im, size):
-    """uint8 (3, size, size): RGB resized the way data.py decodes a folder data set."""
-    from PIL import Image
-    return np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.uint8).transpose(2, 0, 1)
-
-
 def prepare(im, info):
     """uint8 (C, S, S) at the data's native size, ready for data.normalize."""
     size = int(info["native_size"])
     if info.get("digit_style"):
         fashion = info.get("dataset") == "fashion_mnist"  # its items fill a 28 box, centred on the box
         return mnist_style(im, size, size if fashion else round(size * 20 / 28), by_mass=not fashion)[None]
-    return colour_style(im, size)
+    return rgb_uint8(im, size)
 
 
 # ------------------------------------------------------------------------------------ predict

@@ -561,6 +561,15 @@ def run_eval(cfg, args, rank, world, local_rank):
     return 0
 
 
+def count_steps(n_train, global_batch):
+    """Whole global batches per epoch (the last partial one is dropped, so every rank's slice of a
+    step has the same size)."""
+    if n_train < global_batch:
+        raise UserError(f"the training set has {n_train} images, fewer than one batch of {global_batch} "
+                        f"(train.batch_size * world size); lower train.batch_size or raise data.train_limit")
+    return n_train // global_batch
+
+
 def build_training(cfg, ctx, model_args):
     """Model (raw and, with train.compile, compiled), optimizer, LR schedule and grad scaler of one
     rank. bench.py builds through here too, so it measures exactly what train.py runs."""
@@ -582,10 +591,7 @@ def run_train(cfg, args, rank, world, local_rank):
     tcfg = cfg.train
     train, test, info = load_data(cfg.data, cfg.model.image_size, device, logger)
     global_batch = tcfg.batch_size * world
-    steps_per_epoch = len(train) // global_batch
-    if steps_per_epoch == 0:
-        raise UserError(f"the training set has {len(train)} images, fewer than one global batch of {global_batch} "
-                        f"(train.batch_size * world size); lower train.batch_size or raise data.train_limit")
+    steps_per_epoch = count_steps(len(train), global_batch)
     ctx = RunCtx(cfg, device, rank, world, info, amp_dtype_for(tcfg.amp, device), steps_per_epoch, logger)
     model_args = model_args_from_config(cfg.model, info.in_channels, len(info.classes))
     raw_model, model, optimizer, schedule, scaler = build_training(cfg, ctx, model_args)
