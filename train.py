@@ -53,12 +53,27 @@ def parse_args(argv=None):
 def dist_env(args=None):
     """(rank, world_size, local_rank) from torchrun's / the PyTorchJob operator's variables.
     A PyTorchJob pod sets no LOCAL_RANK: one process per pod, so it is 0."""
-    rank = int(os.environ.get("RANK", 0))
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    local = os.environ.get("LOCAL_RANK")
-    if local is None and args is not None and args.local_rank is not None:
+    def number(name, default):
+        value = os.environ.get(name, default)
+        try:
+            return int(value)
+        except ValueError:
+            raise UserError(f"environment variable {name}={value!r} is not an integer; a launcher (torchrun, "
+                            f"the PyTorchJob operator) sets it, unset it to run one process") from None
+    rank, world = number("RANK", "0"), number("WORLD_SIZE", "1")
+    if "LOCAL_RANK" in os.environ or args is None or args.local_rank is None:
+        local = number("LOCAL_RANK", "0")
+    else:
         local = args.local_rank
-    return rank, world, int(local or 0)
+    if world < 1 or not 0 <= rank < world:
+        raise UserError(f"RANK={rank} and WORLD_SIZE={world} do not fit (need 0 <= RANK < WORLD_SIZE); a launcher "
+                        f"sets both, unset them to run one process")
+    if world > 1:
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+        if missing:
+            raise UserError(f"WORLD_SIZE={world} but {' and '.join(missing)} not set; a launcher (torchrun, the "
+                            f"PyTorchJob operator) sets them, or use --num-gpus N for local workers")
+    return rank, world, local
 
 
 def resolve_device(choice, no_mps=False, local_rank=0):
@@ -101,18 +116,46 @@ def init_distributed(cfg, device, rank, world):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     timeout = datetime.timedelta(seconds=cfg.distributed.timeout_s)
-    dist.init_process_group(backend, store=restart_store(rank, world, timeout), rank=rank, world_size=world,
-                            timeout=timeout)
+    _GROUP["store"] = group_store(rank, world, timeout)
+    dist.init_process_group(backend, store=_GROUP["store"], rank=rank, world_size=world, timeout=timeout)
 
 
-def restart_store(rank, world, timeout):
-    """torchrun keeps one store for all restarts (torch 2.14; pytorch/pytorch#135712): a restarted
+_GROUP = {}  # the store of this process's group; leave_group() waits on it
+
+
+def group_store(rank, world, timeout):
+    """The env:// store (MASTER_ADDR/MASTER_PORT; rank 0 hosts it unless torchrun's agent does).
+    torchrun keeps one store for all restarts (torch 2.14; pytorch/pytorch#135712): a restarted
     group would read the dead workers' addresses and fail or hang in its first connect. A prefix
-    per restart keeps each attempt's keys apart. None (plain env://) outside torchrun's store."""
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return None
+    per restart keeps each attempt's keys apart."""
     store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world, timeout=timeout))
-    return dist.PrefixStore(f"restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return dist.PrefixStore(f"restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    return store
+
+
+def leave_group(rank, world, timeout_s):
+    """After a normal end, leave in order. gloo resets a peer's connection when a process exits with
+    messages unread, and that fails a peer still inside the last collective ("Connection reset by
+    peer" at the end of a finished run). So each rank waits on the store until every rank is past
+    its last collective, and rank 0, which may host the store, leaves last."""
+    if world == 1 or "store" not in _GROUP:
+        return
+    store = dist.PrefixStore("leave", _GROUP["store"])
+    deadline = time.monotonic() + timeout_s
+
+    def wait_for(key, count):
+        while store.add(key, 0) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out after {timeout_s} s waiting for the other ranks to finish")
+            time.sleep(0.01)
+    store.add("done", 1)
+    wait_for("done", world)
+    if rank == 0:
+        wait_for("left", world - 1)
+    else:
+        with contextlib.suppress(Exception):  # rank 0 may already be gone with the store: all is done
+            store.add("left", 1)
 
 
 def all_reduce_(tensor, world):
@@ -696,8 +739,6 @@ def _train_loop(cfg, ctx, raw_model, model, optimizer, schedule, scaler, state, 
             plot_curves(state.history, os.path.join(cfg.checkpoint.dir, "training_curves.png"))
             best = max(r["val_acc"] for r in state.history)
             logger.info(f"done: final val_acc {state.history[-1]['val_acc']:.4f} (best {best:.4f}); weights in {path}")
-    if world > 1:
-        dist.barrier()
     # In a PyTorchJob a pod that exits 0 counts as done, and a done Master ends the job: a preempted
     # run exits 143 (128 + SIGTERM) there, so that the operator restarts the pods and they resume.
     return 143 if interrupted and cfg.environment == "k8s" else 0
@@ -718,7 +759,9 @@ def run(args, rank, world, local_rank):
     """One worker: the same for 1 process, --num-gpus, torchrun and a PyTorchJob pod."""
     try:
         cfg = config_from_args(args)
-        return (run_eval if args.eval else run_train)(cfg, args, rank, world, local_rank)
+        code = (run_eval if args.eval else run_train)(cfg, args, rank, world, local_rank)
+        leave_group(rank, world, cfg.distributed.timeout_s)
+        return code
     except UserError as e:
         print(f"error: {e}" if world == 1 else f"error (rank {rank}): {e}", file=sys.stderr, flush=True)
         return e.code
@@ -731,6 +774,7 @@ def run(args, rank, world, local_rank):
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+        _GROUP.clear()
 
 
 def lost_peer(e, world):

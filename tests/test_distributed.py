@@ -162,11 +162,55 @@ def test_dist_env_pytorchjob_has_no_local_rank(monkeypatch):
     assert train.dist_env(train.parse_args([])) == (0, 1, 0)
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
     assert train.dist_env(train.parse_args([])) == (3, 4, 0)  # PyTorchJob pod: LOCAL_RANK unset -> 0
     assert train.dist_env(train.parse_args(["--local-rank", "1"])) == (3, 4, 1)
     assert train.dist_env(train.parse_args(["--local_rank=2"])) == (3, 4, 2)
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert train.dist_env(train.parse_args(["--local_rank", "1"])) == (3, 4, 0)  # the environment wins
+
+
+@pytest.mark.parametrize("env,named", [
+    ({"RANK": "0", "WORLD_SIZE": "2"}, "MASTER_ADDR and MASTER_PORT not set"),
+    ({"RANK": "two", "WORLD_SIZE": "2"}, "RANK='two' is not an integer"),
+    ({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}, "RANK=2 and WORLD_SIZE=2"),
+    ({"LOCAL_RANK": "x"}, "LOCAL_RANK='x'")])
+def test_bad_launcher_variables_are_one_line_errors(monkeypatch, capsys, env, named):
+    import train
+    for k in DIST_VARS:
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert train.main(["train.device=cpu"]) == 2
+    err = capsys.readouterr().err
+    assert named in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_leave_group_waits_for_every_rank_and_rank0_goes_last(monkeypatch):
+    """No rank closes its gloo sockets while another may still be in the last collective."""
+    import threading
+    import train
+    store = torch.distributed.HashStore()
+    monkeypatch.setitem(train._GROUP, "store", store)
+    left = []
+
+    def leave(r):
+        train.leave_group(r, 3, 10)
+        left.append((r, torch.distributed.PrefixStore("leave", store).add("left", 0)))
+    ranks = [threading.Thread(target=leave, args=(r,)) for r in (0, 1)]
+    for t in ranks:
+        t.start()
+    time.sleep(0.3)
+    assert left == []  # rank 2 has not finished: nobody leaves
+    train.leave_group(2, 3, 10)
+    for t in ranks:
+        t.join(10)
+    assert sorted(left)[0] == (0, 2) and sorted(left)[1][0] == 1  # rank 0 left after ranks 1 and 2
+    monkeypatch.setitem(train._GROUP, "store", torch.distributed.HashStore())
+    with pytest.raises(TimeoutError) as e:  # a rank that never comes: the lost-peer error, after the timeout
+        train.leave_group(0, 2, 0.2)
+    assert train.lost_peer(e.value, 2)
 
 
 def test_backend_choice_libuv_and_mps(monkeypatch):
@@ -181,12 +225,13 @@ def test_backend_choice_libuv_and_mps(monkeypatch):
     seen = {}
     monkeypatch.delenv("USE_LIBUV", raising=False)
     monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
-    monkeypatch.setattr(train.dist, "init_process_group",
-                        lambda backend, **kw: seen.update(backend=backend, libuv=os.environ.get("USE_LIBUV"), **kw))
+    monkeypatch.setattr(train, "group_store", lambda *a: seen.update(libuv=os.environ.get("USE_LIBUV")) or "store")
+    monkeypatch.setattr(train.dist, "init_process_group", lambda backend, **kw: seen.update(backend=backend, **kw))
     cfg = load_config(None, ["train.device=cpu"])
     train.init_distributed(cfg, torch.device("cpu"), 1, 2)
     assert seen["backend"] == "gloo" and seen["libuv"] == "0" and seen["world_size"] == 2  # set before rendezvous
-    assert seen["store"] is None  # plain env:// outside torchrun's shared store
+    assert seen["store"] == "store" and train._GROUP["store"] == "store"  # kept for leave_group()
+    train._GROUP.clear()
     with pytest.raises(UserError, match="MPS cannot run more than one process"):
         train.init_distributed(cfg, torch.device("mps"), 0, 2)
     with pytest.raises(UserError, match="nccl needs CUDA"):
@@ -203,6 +248,8 @@ def test_num_gpus_without_gpus_is_a_clear_error(monkeypatch, capsys):
     assert err.count("\n") == 1 and "no GPU is visible" in err and "train.device=cpu" in err
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
     assert train.main(["--num-gpus", "2", "train.device=cpu"]) == 2
     assert "cannot be used under torchrun" in capsys.readouterr().err
 
