@@ -226,7 +226,7 @@ def interleaved_seconds(fns, clock, windows):
 def ours_stepper(parts, split, ctx):
     """step_fn(n): n more training steps through train.train_one_epoch, moving on to the next
     epoch's permutation when one runs out."""
-    _, model, optimizer, schedule, scaler = parts
+    _, model, optimizer, schedule, scaler, ema = parts
     state, stop = train.TrainState(), train.StopSignal()  # a StopSignal never installed: never stops
 
     def step_fn(n):
@@ -235,7 +235,7 @@ def ours_stepper(parts, split, ctx):
                 state.epoch, state.step = state.epoch + 1, 0
             k = min(n, ctx.steps_per_epoch - state.step)
             window = replace(ctx, steps_per_epoch=state.step + k)  # train_one_epoch stops at its steps_per_epoch
-            train.train_one_epoch(model, optimizer, schedule, scaler, split, window, state, stop)
+            train.train_one_epoch(model, optimizer, schedule, scaler, split, window, state, stop, ema=ema)
             n -= k
     return step_fn
 
@@ -253,14 +253,14 @@ class TimeCap(train.StopSignal):
 
 def ours_time_to_acc(cfg, ctx, model_args, train_split, test_split, clock, target, cap):
     """Train from scratch epoch by epoch until test accuracy >= target; eval is off the clock."""
-    raw_model, model, optimizer, schedule, scaler = train.build_training(cfg, ctx, model_args)
+    raw_model, model, optimizer, schedule, scaler, ema = train.build_training(cfg, ctx, model_args)
     state, spent, acc, curve = train.TrainState(), 0.0, 0.0, []
     while state.epoch < cfg.train.epochs:
         t0 = clock.now()
         stopped = train.train_one_epoch(model, optimizer, schedule, scaler, train_split, ctx, state,
-                                        TimeCap(spent, cap))
+                                        TimeCap(spent, cap), ema=ema)
         spent += clock.now() - t0
-        acc = train.evaluate(raw_model, test_split, ctx, cfg.model.image_size, cfg.train.eval_batch_size)["acc"]
+        acc = train.evaluate(ema.module if ema else raw_model, test_split, ctx, cfg.model.image_size, cfg.train.eval_batch_size)["acc"]
         state.epoch, state.step = state.epoch + 1, 0
         curve.append([round(spent, 2), round(acc, 4)])
         if acc >= target or stopped:
@@ -282,7 +282,7 @@ def setup_ours(cfg, args, device, clock):
     return Pipeline(
         "ours", ours_summary(cfg, ctx, len(train_split)), ours_stepper(parts, train_split, ctx),
         min(args.window_steps, spe), tcfg.batch_size, spe * tcfg.batch_size,
-        lambda: train.evaluate(parts[0], sub, ctx, cfg.model.image_size, tcfg.eval_batch_size), len(sub),
+        lambda: train.evaluate(parts[5].module if parts[5] else parts[0], sub, ctx, cfg.model.image_size, tcfg.eval_batch_size), len(sub),
         lambda target, cap: ours_time_to_acc(cfg, ctx, model_args, train_split, test_split, clock, target, cap),
         {"data_load_s": (round(load_s, 3), "s", "files to device-resident tensors")})
 

@@ -326,7 +326,126 @@ def random_affine(x, degrees, scale, gen, lo, total):
     return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
-def augment(x, gen, dcfg, digit_style, lo=0, total=None):
+TRIVIAL_OPS = ("identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness", "color",
+               "contrast", "sharpness", "posterize", "solarize", "autocontrast")
+
+
+def _blend(a, b, factor):
+    """PIL's ImageEnhance: b + factor * (a - b), per image factor (B,), clamped to [0, 1]."""
+    return (b + factor.view(-1, 1, 1, 1) * (a - b)).clamp_(0, 1)
+
+
+def _gray(x):
+    return x if x.shape[1] == 1 else (0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+
+
+def trivial_augment(x, gen, lo, total):
+    """TrivialAugment (Müller & Hutter 2021): each image gets one op, drawn uniformly from
+    TRIVIAL_OPS, at a uniform random strength (RandAugment's ranges; equalize is left out). The
+    geometric ops of the whole batch are one affine_grid/grid_sample; each colour op runs once on
+    the images that drew it. No per-image Python. uint8 in, uint8 out."""
+    B, C, H, W = x.shape
+    op = torch.randint(0, len(TRIVIAL_OPS), (total,), generator=gen)[lo:lo + B]
+    mag = torch.rand(total, generator=gen)[lo:lo + B]
+    sign = torch.where(torch.rand(total, generator=gen)[lo:lo + B] < 0.5, -1.0, 1.0)
+    name = {n: i for i, n in enumerate(TRIVIAL_OPS)}
+    theta = torch.zeros(B, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+    m = mag * sign
+    sel = op == name["shear_x"]
+    theta[sel, 0, 1] = 0.3 * m[sel]
+    sel = op == name["shear_y"]
+    theta[sel, 1, 0] = 0.3 * m[sel]
+    sel = op == name["translate_x"]
+    theta[sel, 0, 2] = 0.9 * m[sel]  # 0.45 of the side, in the [-1, 1] grid units of affine_grid
+    sel = op == name["translate_y"]
+    theta[sel, 1, 2] = 0.9 * m[sel]
+    sel = op == name["rotate"]
+    a = torch.deg2rad(30.0 * m[sel])
+    theta[sel, 0, 0], theta[sel, 0, 1], theta[sel, 1, 0], theta[sel, 1, 1] = a.cos(), -a.sin(), a.sin(), a.cos()
+    dev = x.device
+    y = x.float().div_(255.0)
+    geometric = (op >= name["shear_x"]) & (op <= name["rotate"])
+    if geometric.any():
+        idx = geometric.nonzero().squeeze(1).to(dev)
+        grid = F.affine_grid(theta[geometric].to(dev), [len(idx), C, H, W], align_corners=False)
+        y[idx] = F.grid_sample(y[idx], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    factor = (1.0 + 0.9 * m).to(dev)
+    for n in TRIVIAL_OPS[name["brightness"]:]:
+        sel = (op == name[n]).to(dev)
+        if not sel.any():
+            continue
+        idx, v, f = sel.nonzero().squeeze(1), y[sel], factor[sel]
+        if n == "brightness":
+            v = _blend(v, torch.zeros_like(v), f)
+        elif n == "color":
+            v = _blend(v, _gray(v).expand_as(v), f)
+        elif n == "contrast":
+            v = _blend(v, _gray(v).mean(dim=(1, 2, 3), keepdim=True).expand_as(v), f)
+        elif n == "sharpness":
+            k = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]], device=dev) / 13.0
+            smooth = F.conv2d(F.pad(v, (1, 1, 1, 1), mode="replicate"), k.expand(C, 1, 3, 3).contiguous(), groups=C)
+            v = _blend(v, smooth, f)
+        elif n == "posterize":
+            bits = (8 - (mag[sel.cpu()] * 4).floor()).to(dev).view(-1, 1, 1, 1)  # keep 8..4 bits
+            step = 2.0 ** (8 - bits)
+            v = ((v * 255).round() / step).floor() * step / 255
+        elif n == "solarize":
+            threshold = (1.0 - mag[sel.cpu()]).to(dev).view(-1, 1, 1, 1)
+            v = torch.where(v >= threshold, 1.0 - v, v)
+        elif n == "autocontrast":
+            low = v.amin(dim=(2, 3), keepdim=True)
+            high = v.amax(dim=(2, 3), keepdim=True)
+            v = torch.where(high > low, (v - low) / (high - low).clamp_min(1e-6), v)
+        y[idx] = v
+    return y.mul_(255).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def random_erasing(x, p, gen, lo, total):
+    """Random erasing (Zhong et al. 2017): with probability p per image, one rectangle of 2-33%
+    of the area and aspect ratio 0.3-3.3 is filled with uniform noise. One mask for the batch.
+    uint8 in, uint8 out."""
+    B, C, H, W = x.shape
+    draws = torch.rand(5, total, generator=gen)[:, lo:lo + B]
+    noise = torch.randint(0, 256, (total, C, H, W), generator=gen, dtype=torch.uint8)[lo:lo + B]
+    area = (0.02 + draws[0] * (1 / 3 - 0.02)) * H * W
+    ratio = torch.exp(math.log(0.3) + draws[1] * (math.log(1 / 0.3) - math.log(0.3)))
+    h = (area * ratio).sqrt().round().clamp(1, H)
+    w = (area / ratio).sqrt().round().clamp(1, W)
+    top = (draws[2] * (H - h + 1)).floor()
+    left = (draws[3] * (W - w + 1)).floor()
+    rows, cols = torch.arange(H).view(1, H, 1), torch.arange(W).view(1, 1, W)
+    box = ((rows >= top.view(B, 1, 1)) & (rows < (top + h).view(B, 1, 1))
+           & (cols >= left.view(B, 1, 1)) & (cols < (left + w).view(B, 1, 1)))
+    box &= (draws[4] < p).view(B, 1, 1)
+    return torch.where(box.unsqueeze(1).to(x.device), noise.to(x.device), x)
+
+
+def mix_batch(x, gen, mixup_alpha, cutmix_alpha):
+    """Mixup (Zhang et al. 2018) or CutMix (Yun et al. 2019) of a normalised float batch with
+    itself reversed: one Beta(alpha, alpha) draw per batch, and with both on, either one with
+    probability 1/2 (as timm). Returns (mixed x, lam): the loss is lam * CE(y) + (1 - lam) * CE(y
+    reversed). lam is the exact kept-area fraction for CutMix."""
+    rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=gen)))
+    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or rng.random() < 0.5)
+    lam = float(rng.beta(*(2 * [cutmix_alpha if use_cutmix else mixup_alpha])))
+    other = x.flip(0)
+    if not use_cutmix:
+        return x.mul(lam).add_(other, alpha=1 - lam), lam
+    H, W = x.shape[-2:]
+    cut_h, cut_w = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
+    cy, cx = int(rng.integers(H)), int(rng.integers(W))
+    y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, H)
+    x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, W)
+    x = x.clone()
+    x[:, :, y0:y1, x0:x1] = other[:, :, y0:y1, x0:x1]
+    return x, 1.0 - (y1 - y0) * (x1 - x0) / (H * W)
+
+
+NO_FLIP = {"mnist"}  # a mirrored digit is another symbol (or none); clothes and objects stay what they are
+
+
+def augment(x, gen, dcfg, digit_style, lo=0, total=None, flip_ok=None):
     """Whole-batch training augmentation on uint8 images.
 
     The random numbers are drawn on a CPU generator for the whole global batch of `total`
@@ -340,9 +459,13 @@ def augment(x, gen, dcfg, digit_style, lo=0, total=None):
     pad = dcfg.translate if digit_style else dcfg.crop_padding
     if pad:
         x = random_shift(x, pad, torch.randint(0, 2 * pad + 1, (2, total), generator=gen)[:, lo:lo + B])
-    if dcfg.hflip and not digit_style:
+    if dcfg.hflip and (not digit_style if flip_ok is None else flip_ok):
         flip = (torch.rand(total, generator=gen) < 0.5)[lo:lo + B].to(x.device).view(B, 1, 1, 1)
         x = torch.where(flip, x.flip(-1), x)
+    if dcfg.trivial_augment:
+        x = trivial_augment(x, gen, lo, total)
+    if dcfg.random_erasing > 0:
+        x = random_erasing(x, dcfg.random_erasing, gen, lo, total)
     return x
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from data import IMAGE_EXTS, normalize, rgb_uint8
-from model import build_model, strip_prefixes
+from model import build_model, preferred_weights
 from utils import UserError, load_checkpoint, load_config, newest_final
 
 MAX_SIDE = 1024  # larger photos are shrunk first: a 28x28 result needs no more, and it bounds the work
@@ -60,7 +60,7 @@ def load_model(path, device):
                         f"use a *_final.pth or best.pth written by train.py", code=1)
     model = build_model(ckpt["model_args"])
     try:
-        model.load_state_dict(strip_prefixes(ckpt["model"]))
+        model.load_state_dict(preferred_weights(ckpt)[0])  # the EMA weights when the run kept them
     except RuntimeError as e:
         raise UserError(f"checkpoint '{path}': the weights do not fit its model_args "
                         f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}); "

@@ -3,11 +3,13 @@
 `build_model(model_args)` is the one entry point. `model_args` is a plain dict that every
 checkpoint carries, so infer.py and `train.py --eval` rebuild the model from a checkpoint alone.
 """
+import copy
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-MODEL_NAMES = ("vit", "torchvision_vit")
+MODEL_NAMES = ("vit", "torchvision_vit", "resnet")
 
 
 class PatchEmbed(nn.Module):
@@ -19,6 +21,23 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x):
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, N, D)
+
+
+class ConvStem(nn.Module):
+    """A small convolutional tokenizer (model.stem: conv): two 3x3 conv + BatchNorm + ReLU layers
+    at full resolution, then the same patch_size grid as PatchEmbed, so the token count and the
+    position embedding do not change. Early convolutions give the tokens local edge features
+    (Xiao et al. 2021, "Early convolutions help transformers see better")."""
+
+    def __init__(self, in_channels, dim, patch_size, width=32):
+        super().__init__()
+        self.convs = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+        self.proj = nn.Conv2d(width, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(self.convs(x)).flatten(2).transpose(1, 2)
 
 
 class Attention(nn.Module):
@@ -84,7 +103,7 @@ class Block(nn.Module):
 
 class ViT(nn.Module):
     def __init__(self, image_size=28, patch_size=7, in_channels=1, num_classes=10, dim=64, depth=6,
-                 heads=4, mlp_ratio=2.0, dropout=0.0, drop_path=0.0, pool="cls"):
+                 heads=4, mlp_ratio=2.0, dropout=0.0, drop_path=0.0, pool="cls", stem="patch"):
         super().__init__()
         for name, value in (("image_size", image_size), ("patch_size", patch_size), ("in_channels", in_channels),
                             ("num_classes", num_classes), ("dim", dim), ("depth", depth), ("heads", heads)):
@@ -96,11 +115,13 @@ class ViT(nn.Module):
             raise ValueError(f"ViT: dim {dim} is not divisible by heads {heads}")
         if pool not in ("cls", "mean"):
             raise ValueError(f"ViT: pool must be 'cls' or 'mean', got {pool!r}")
+        if stem not in ("patch", "conv"):
+            raise ValueError(f"ViT: stem must be 'patch' or 'conv', got {stem!r}")
         if not 0.0 <= dropout < 1.0 or not 0.0 <= drop_path < 1.0:
             raise ValueError("ViT: dropout and drop_path must be in [0, 1)")
         self.pool = pool
         num_patches = (image_size // patch_size) ** 2
-        self.patch_embed = PatchEmbed(in_channels, dim, patch_size)
+        self.patch_embed = (ConvStem if stem == "conv" else PatchEmbed)(in_channels, dim, patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, dim))
         self.pos_drop = nn.Dropout(dropout)
@@ -121,7 +142,7 @@ class ViT(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
+            elif isinstance(m, (nn.LayerNorm, nn.BatchNorm2d)):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
@@ -132,6 +153,55 @@ class ViT(nn.Module):
         x = self.norm(self.blocks(x))
         x = x[:, 0] if self.pool == "cls" else x[:, 1:].mean(dim=1)
         return self.head(x)  # (B, num_classes)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv + BatchNorm layers with an identity (or 1x1 projection) shortcut."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x), inplace=True)
+
+
+class ResNet(nn.Module):
+    """ResNet-18 in its CIFAR form (He et al. 2016): a 3x3 stem without max-pool, then four stages
+    of `blocks` BasicBlocks at widths width, 2x, 4x, 8x (strides 1, 2, 2, 2), global average pool
+    and a linear head. model.dim is the width (64 = ResNet-18), model.depth the blocks per stage."""
+
+    def __init__(self, in_channels=3, num_classes=10, width=64, blocks=2, dropout=0.0):
+        super().__init__()
+        if width < 1 or blocks < 1:
+            raise ValueError("ResNet: width (model.dim) and blocks (model.depth) must be >= 1")
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                                  nn.ReLU(inplace=True))
+        layers, cin = [], width
+        for i, stride in enumerate((1, 2, 2, 2)):
+            cout = width * 2 ** i
+            for j in range(blocks):
+                layers.append(BasicBlock(cin, cout, stride if j == 0 else 1))
+                cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(cin, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        for block in self.layers:  # each residual branch starts as identity (Goyal et al. 2017)
+            nn.init.zeros_(block.bn2.weight)
+
+    def forward(self, x):
+        x = self.layers(self.stem(x))
+        return self.head(self.drop(F.adaptive_avg_pool2d(x, 1).flatten(1)))
 
 
 def build_torchvision_vit(image_size, patch_size, in_channels, num_classes, dim, depth, heads, mlp_ratio,
@@ -157,7 +227,8 @@ def model_args_from_config(mcfg, in_channels, num_classes):
     return {"name": mcfg.name, "image_size": int(mcfg.image_size), "patch_size": int(mcfg.patch_size),
             "in_channels": int(in_channels), "num_classes": int(num_classes), "dim": int(mcfg.dim),
             "depth": int(mcfg.depth), "heads": int(mcfg.heads), "mlp_ratio": float(mcfg.mlp_ratio),
-            "dropout": float(mcfg.dropout), "drop_path": float(mcfg.drop_path), "pool": str(mcfg.pool)}
+            "dropout": float(mcfg.dropout), "drop_path": float(mcfg.drop_path), "pool": str(mcfg.pool),
+            "stem": str(mcfg.stem)}
 
 
 def build_model(model_args):
@@ -167,6 +238,8 @@ def build_model(model_args):
         return ViT(**args)
     if name == "torchvision_vit":
         return build_torchvision_vit(**args)
+    if name == "resnet":
+        return ResNet(args["in_channels"], args["num_classes"], args["dim"], args["depth"], args.get("dropout", 0.0))
     raise ValueError(f"unknown model.name {name!r}; allowed: {', '.join(MODEL_NAMES)}")
 
 
@@ -184,7 +257,49 @@ def strip_prefixes(state_dict):
     return out
 
 
+class ModelEMA:
+    """Exponential moving average of a model's weights, updated after every optimizer step.
+
+    `module` is a frozen copy that holds the averages (float parameters and buffers; integer
+    buffers are copied). With warmup the decay starts low, min(decay, (1 + n) / (10 + n)) at
+    update n, so the average is not dominated by the random initial weights. Every DDP rank
+    sees the same weights and so keeps the same average: no communication."""
+
+    def __init__(self, model, decay, warmup=True):
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay, self.warmup, self.updates = float(decay), bool(warmup), 0
+        pairs = list(zip(self.module.state_dict().values(), model.state_dict().values()))
+        self._float = [(a, b) for a, b in pairs if a.is_floating_point()]
+        self._other = [(a, b) for a, b in pairs if not a.is_floating_point()]
+
+    def current_decay(self):
+        return min(self.decay, (1 + self.updates) / (10 + self.updates)) if self.warmup else self.decay
+
+    @torch.no_grad()
+    def update(self):
+        d = self.current_decay()
+        self.updates += 1
+        if self._float:
+            torch._foreach_lerp_([a for a, _ in self._float], [b for _, b in self._float], 1.0 - d)
+        for a, b in self._other:
+            a.copy_(b)
+
+    def state_dict(self):
+        return {"model": self.module.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state):
+        self.module.load_state_dict(strip_prefixes(state["model"]))
+        self.updates = int(state["updates"])
+
+
+def preferred_weights(ckpt):
+    """(state_dict, label): the EMA weights when the checkpoint has them, else the raw ones."""
+    if ckpt.get("ema_model") is not None:
+        return strip_prefixes(ckpt["ema_model"]), "EMA"
+    return strip_prefixes(ckpt["model"]), "raw"
+
+
 def final_weights_name(dataset, model_name):
     """`mnist_transformer_final.pth` for the default ViT (the seed's name)."""
-    tag = "transformer" if model_name == "vit" else model_name
+    tag = "transformer" if model_name == "vit" else model_name  # e.g. cifar10_resnet_final.pth
     return f"{dataset}_{tag}_final.pth"

@@ -26,8 +26,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from data import augment, batch_generator, epoch_permutation, load_data, normalize, shard_bounds
-from model import build_model, final_weights_name, model_args_from_config, strip_prefixes
+from data import NO_FLIP, augment, batch_generator, epoch_permutation, load_data, mix_batch, normalize, shard_bounds
+from model import ModelEMA, build_model, final_weights_name, model_args_from_config, preferred_weights, strip_prefixes
 from utils import (UserError, append_line, atomic_write_bytes, epoch_ckpt_name, find_resume_checkpoint,
                    get_rng_state, load_checkpoint, load_config, newest_final, prune_checkpoints, serialize,
                    set_rng_state, seed_everything, setup_logging, timestamp, to_plain, write_metrics)
@@ -298,7 +298,7 @@ class TrainState:
     bad_epochs: int = 0
 
 
-def train_one_epoch(model, optimizer, schedule, scaler, split, ctx, state, stop, bar=None):
+def train_one_epoch(model, optimizer, schedule, scaler, split, ctx, state, stop, bar=None, ema=None):
     """Train from state.step to the end of epoch state.epoch+1. Returns True if stopped early by a
     signal (at an optimizer-step boundary). Metrics stay on the device until the epoch ends."""
     cfg, tcfg, dev = ctx.cfg, ctx.cfg.train, ctx.device
@@ -311,16 +311,24 @@ def train_one_epoch(model, optimizer, schedule, scaler, split, ctx, state, stop,
     if ctx.rank == 0:
         sums += torch.tensor(state.sums, device=dev, dtype=fdtype)
     ddp = hasattr(model, "no_sync")
+    d = cfg.data
+    mixing = d.augment and (d.mixup_alpha > 0 or d.cutmix_alpha > 0) and not 0 < d.mix_off_epoch <= epoch
     for step in range(state.step, ctx.steps_per_epoch):
         idx = perm[step * G + lo: step * G + lo + b]
-        x = augment(split.images[idx], batch_generator(tcfg.seed, epoch, step), cfg.data, ctx.info.digit_style, lo, G)
+        gen = batch_generator(tcfg.seed, epoch, step)
+        x = augment(split.images[idx], gen, d, ctx.info.digit_style, lo, G, ctx.info.dataset not in NO_FLIP)
         x = normalize(x, ctx.info.mean, ctx.info.std, cfg.model.image_size)
         y = split.labels[idx]
+        lam = 1.0
+        if mixing:  # pairs within this rank's slice of the batch
+            x, lam = mix_batch(x, gen, d.mixup_alpha, d.cutmix_alpha)
         boundary = (step + 1) % tcfg.grad_accum == 0 or step + 1 == ctx.steps_per_epoch
         with model.no_sync() if ddp and not boundary else contextlib.nullcontext():
             with torch.autocast(dev.type, dtype=ctx.amp_dtype or torch.float32, enabled=ctx.amp_dtype is not None):
                 logits = model(x)
                 loss = F.cross_entropy(logits, y, label_smoothing=tcfg.label_smoothing)
+                if lam < 1.0:
+                    loss = lam * loss + (1 - lam) * F.cross_entropy(logits, y.flip(0), label_smoothing=tcfg.label_smoothing)
             scaler.scale(loss / tcfg.grad_accum).backward()
         with torch.no_grad():
             sums += torch.stack([loss.detach().to(fdtype) * y.numel(), (logits.argmax(1) == y).sum().to(fdtype),
@@ -333,6 +341,8 @@ def train_one_epoch(model, optimizer, schedule, scaler, split, ctx, state, stop,
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             schedule.step()
+            if ema is not None:
+                ema.update()
         state.step = step + 1
         at_interval = (step + 1) % tcfg.log_interval == 0
         if bar is not None and at_interval:
@@ -473,8 +483,9 @@ class Loggers:
 
 # -------------------------------------------------------------------------------------- checkpoints
 
-def training_checkpoint(model, optimizer, schedule, scaler, state, ctx, model_args, rng_states):
+def training_checkpoint(model, optimizer, schedule, scaler, state, ctx, model_args, rng_states, ema=None):
     return {"format": 1, "model": strip_prefixes(model.state_dict()), "model_args": model_args,
+            "ema": ema.state_dict() if ema is not None else None,
             "data_info": ctx.info.to_dict(), "config": to_plain(ctx.cfg), "optimizer": optimizer.state_dict(),
             "scheduler": schedule.state_dict(), "scaler": scaler.state_dict(), "epoch": state.epoch,
             "step_in_epoch": state.step, "epoch_sums": list(state.sums), "partial_time": state.partial_time,
@@ -482,9 +493,11 @@ def training_checkpoint(model, optimizer, schedule, scaler, state, ctx, model_ar
             "rng": rng_states, "world_size": ctx.world}
 
 
-def weights_checkpoint(model, state, ctx, model_args):
-    """Self-describing weights (best, final): enough for infer.py and --eval, nothing to resume."""
+def weights_checkpoint(model, state, ctx, model_args, ema=None):
+    """Self-describing weights (best, final): enough for infer.py and --eval, nothing to resume.
+    With train.ema the averaged weights go beside the raw ones, as `ema_model`."""
     return {"format": 1, "model": strip_prefixes(model.state_dict()), "model_args": model_args,
+            **({"ema_model": strip_prefixes(ema.module.state_dict())} if ema is not None else {}),
             "data_info": ctx.info.to_dict(), "config": to_plain(ctx.cfg), "epoch": state.epoch,
             "history": list(state.history)}
 
@@ -507,7 +520,7 @@ def resume_requested(cfg):
     return mode is True or mode == "auto" or restarted, mode is True
 
 
-def try_resume(cfg, ctx, model, optimizer, schedule, scaler, state):
+def try_resume(cfg, ctx, model, optimizer, schedule, scaler, state, ema=None):
     """Load the newest valid checkpoint (rank 0 picks it; all ranks load the same file)."""
     wanted, required = resume_requested(cfg)
     if not wanted:
@@ -528,6 +541,11 @@ def try_resume(cfg, ctx, model, optimizer, schedule, scaler, state):
     optimizer.load_state_dict(ckpt["optimizer"])
     schedule.load_state_dict(ckpt["scheduler"])
     scaler.load_state_dict(ckpt["scaler"])
+    if ema is not None and ckpt.get("ema"):
+        ema.load_state_dict(ckpt["ema"])
+    elif ema is not None:  # EMA switched on mid-run: start the average from the resumed weights
+        ema.__init__(model, ema.decay, ema.warmup)
+        ctx.logger.warning("the checkpoint holds no EMA weights (train.ema was off); the EMA starts from its weights")
     state.epoch, state.step = int(ckpt["epoch"]), int(ckpt["step_in_epoch"])
     state.sums = list(ckpt["epoch_sums"]) if ctx.rank == 0 else [0.0, 0.0, 0.0]
     state.partial_time = float(ckpt["partial_time"])
@@ -585,11 +603,12 @@ def run_eval(cfg, args, rank, world, local_rank):
     _, test, info = load_data(dcfg, margs["image_size"], device, logger)
     info.mean, info.std, info.classes = tuple(info_d["mean"]), tuple(info_d["std"]), info_d["classes"]
     model = build_model(margs).to(device)
-    model.load_state_dict(strip_prefixes(ckpt["model"]))
+    weights, kind = preferred_weights(ckpt)
+    model.load_state_dict(weights)
     ctx = RunCtx(cfg, device, rank, world, info, amp_dtype_for(cfg.train.amp, device), 0, logger)
     res = evaluate(model, test, ctx, margs["image_size"], cfg.train.eval_batch_size)
     if rank == 0:
-        print(f"Checkpoint: {path}")
+        print(f"Checkpoint: {path} ({kind} weights)")
         print(f"Total Samples: {res['n']}")
         print(f"Global Average Loss: {res['loss']:.4f}")
         print(f"Global Accuracy: {100 * res['acc']:.2f}%")
@@ -626,7 +645,8 @@ def build_training(cfg, ctx, model_args):
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.amp_dtype == torch.float16)
     seed_everything(tcfg.seed + ctx.rank)  # dropout draws differ per rank
     model = torch.compile(raw_model) if tcfg.compile else raw_model
-    return raw_model, model, optimizer, schedule, scaler
+    ema = ModelEMA(raw_model, tcfg.ema_decay, tcfg.ema_warmup) if tcfg.ema else None
+    return raw_model, model, optimizer, schedule, scaler, ema
 
 
 def run_train(cfg, args, rank, world, local_rank):
@@ -637,9 +657,9 @@ def run_train(cfg, args, rank, world, local_rank):
     steps_per_epoch = count_steps(len(train), global_batch)
     ctx = RunCtx(cfg, device, rank, world, info, amp_dtype_for(tcfg.amp, device), steps_per_epoch, logger)
     model_args = model_args_from_config(cfg.model, info.in_channels, len(info.classes))
-    raw_model, model, optimizer, schedule, scaler = build_training(cfg, ctx, model_args)
+    raw_model, model, optimizer, schedule, scaler, ema = build_training(cfg, ctx, model_args)
     state = TrainState()
-    resumed = try_resume(cfg, ctx, raw_model, optimizer, schedule, scaler, state)
+    resumed = try_resume(cfg, ctx, raw_model, optimizer, schedule, scaler, state, ema)
     if rank == 0:
         os.makedirs(cfg.checkpoint.dir, exist_ok=True)
         atomic_write_bytes(os.path.join(cfg.log.dir, "config.yaml"), _yaml(cfg))
@@ -658,14 +678,15 @@ def run_train(cfg, args, rank, world, local_rank):
     stop = StopSignal()
     stop.install()
     try:
-        return _train_loop(cfg, ctx, raw_model, model, optimizer, schedule, scaler, state, train, test, loggers, stop,
-                           model_args)
+        return _train_loop(cfg, ctx, raw_model, model, optimizer, schedule, scaler, ema, state, train, test, loggers,
+                           stop, model_args)
     finally:
         stop.uninstall()
         loggers.close()
 
 
-def _train_loop(cfg, ctx, raw_model, model, optimizer, schedule, scaler, state, train, test, loggers, stop, model_args):
+def _train_loop(cfg, ctx, raw_model, model, optimizer, schedule, scaler, ema, state, train, test, loggers, stop,
+                model_args):
     """Epochs until done, early-stopped or signalled; rank 0 writes checkpoints, metrics and curves."""
     tcfg, rank, world, device, logger, info = cfg.train, ctx.rank, ctx.world, ctx.device, ctx.logger, ctx.info
     steps_per_epoch, global_batch = ctx.steps_per_epoch, tcfg.batch_size * world
@@ -676,7 +697,7 @@ def _train_loop(cfg, ctx, raw_model, model, optimizer, schedule, scaler, state, 
         bar = _progress(rank, epoch, tcfg.epochs, steps_per_epoch, state.step)
         t0 = time.perf_counter()
         start_step = state.step
-        interrupted = train_one_epoch(model, optimizer, schedule, scaler, train, ctx, state, stop, bar)
+        interrupted = train_one_epoch(model, optimizer, schedule, scaler, train, ctx, state, stop, bar, ema)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seg_time = time.perf_counter() - t0
@@ -688,23 +709,27 @@ def _train_loop(cfg, ctx, raw_model, model, optimizer, schedule, scaler, state, 
             rng = gather_rng(ctx)
             if rank == 0:
                 atomic_write_bytes(path, serialize(training_checkpoint(raw_model, optimizer, schedule, scaler, state,
-                                                                       ctx, model_args, rng)))
+                                                                       ctx, model_args, rng, ema)))
                 logger.info(f"stopped by signal at epoch {epoch}, step {state.step}/{steps_per_epoch}; saved {path}. "
                             f"Continue with checkpoint.resume=true")
             break
         t1 = time.perf_counter()
         val = evaluate(raw_model, test, ctx, cfg.model.image_size, tcfg.eval_batch_size)
+        ema_val = evaluate(ema.module, test, ctx, cfg.model.image_size, tcfg.eval_batch_size) if ema else None
         loss_sum, correct, n = state.sums
         record = {"epoch": epoch, "train_loss": loss_sum / max(n, 1), "train_acc": correct / max(n, 1),
-                  "val_loss": val["loss"], "val_acc": val["acc"], "lr": schedule.lr(),
+                  "val_loss": val["loss"], "val_acc": val["acc"],
+                  **({"ema_val_loss": ema_val["loss"], "ema_val_acc": ema_val["acc"]} if ema else {}),
+                  "lr": schedule.lr(),
                   "epoch_time_s": round(state.partial_time, 3),
                   "images_per_s": round((steps_per_epoch - start_step) * global_batch / max(seg_time, 1e-9), 1),
                   "eval_time_s": round(time.perf_counter() - t1, 3), "world_size": world}
-        improved = val["acc"] > state.best_val_acc + tcfg.early_stop_min_delta
+        score = ema_val["acc"] if ema else val["acc"]  # best.pth and early stopping follow what infer.py uses
+        improved = score > state.best_val_acc + tcfg.early_stop_min_delta
         state.history.append(record)
         state.epoch, state.step, state.sums, state.partial_time = epoch, 0, [0.0, 0.0, 0.0], 0.0
         if improved:
-            state.best_val_acc, state.bad_epochs = val["acc"], 0
+            state.best_val_acc, state.bad_epochs = score, 0
         else:
             state.bad_epochs += 1
         early = tcfg.early_stop_patience > 0 and state.bad_epochs >= tcfg.early_stop_patience
@@ -713,17 +738,18 @@ def _train_loop(cfg, ctx, raw_model, model, optimizer, schedule, scaler, state, 
         rng = gather_rng(ctx) if save else None
         if rank == 0:
             if save:  # the checkpoint first: metrics.jsonl is rebuilt from it on resume
-                blob = serialize(training_checkpoint(raw_model, optimizer, schedule, scaler, state, ctx, model_args, rng))
+                blob = serialize(training_checkpoint(raw_model, optimizer, schedule, scaler, state, ctx, model_args, rng,
+                                                     ema))
                 atomic_write_bytes(os.path.join(cfg.checkpoint.dir, epoch_ckpt_name(epoch)), blob)
                 prune_checkpoints(cfg.checkpoint.dir, cfg.checkpoint.keep_last)
             if improved:
                 atomic_write_bytes(os.path.join(cfg.checkpoint.dir, "best.pth"),
-                                   serialize(weights_checkpoint(raw_model, state, ctx, model_args)))
+                                   serialize(weights_checkpoint(raw_model, state, ctx, model_args, ema)))
             loggers.epoch(record)
             plot_curves(state.history, os.path.join(cfg.checkpoint.dir, "training_curves.png"))
             logger.info(f"epoch {epoch}/{tcfg.epochs} train_loss {record['train_loss']:.4f} train_acc "
                         f"{record['train_acc']:.4f} val_loss {record['val_loss']:.4f} val_acc {record['val_acc']:.4f} "
-                        f"lr {record['lr']:.2e} {record['epoch_time_s']:.1f}s {record['images_per_s']:.0f} img/s")
+                        + (f"ema_val_acc {record['ema_val_acc']:.4f} " if ema else "") + f"lr {record['lr']:.2e} {record['epoch_time_s']:.1f}s {record['images_per_s']:.0f} img/s")
         if early:
             logger.info(f"early stop: val_acc has not improved by {tcfg.early_stop_min_delta} for "
                         f"{state.bad_epochs} epochs")
@@ -734,11 +760,12 @@ def _train_loop(cfg, ctx, raw_model, model, optimizer, schedule, scaler, state, 
             break
     if not interrupted and rank == 0:
         path = os.path.join(cfg.checkpoint.dir, final_name)
-        atomic_write_bytes(path, serialize(weights_checkpoint(raw_model, state, ctx, model_args)))
+        atomic_write_bytes(path, serialize(weights_checkpoint(raw_model, state, ctx, model_args, ema)))
         if state.history:
             plot_curves(state.history, os.path.join(cfg.checkpoint.dir, "training_curves.png"))
-            best = max(r["val_acc"] for r in state.history)
-            logger.info(f"done: final val_acc {state.history[-1]['val_acc']:.4f} (best {best:.4f}); weights in {path}")
+            key = "ema_val_acc" if ema else "val_acc"
+            best = max(r.get(key, r["val_acc"]) for r in state.history)
+            logger.info(f"done: final {key} {state.history[-1].get(key, 0.0):.4f} (best {best:.4f}); weights in {path}")
     # In a PyTorchJob a pod that exits 0 counts as done, and a done Master ends the job: a preempted
     # run exits 143 (128 + SIGTERM) there, so that the operator restarts the pods and they resume.
     return 143 if interrupted and cfg.environment == "k8s" else 0

@@ -31,8 +31,9 @@ class UserError(Exception):
 CHOICES = {
     "environment": ("local", "k8s"),
     "data.dataset": ("mnist", "fashion_mnist", "cifar10", "folder"),
-    "model.name": ("vit", "torchvision_vit"),
+    "model.name": ("vit", "torchvision_vit", "resnet"),
     "model.pool": ("cls", "mean"),
+    "model.stem": ("patch", "conv"),
     "train.optimizer": ("adamw", "adam", "sgd"),
     "train.scheduler": ("cosine", "cosine_restarts", "step", "none"),
     "train.amp": ("auto", "off", "bf16", "fp16"),
@@ -45,7 +46,9 @@ CHOICES = {
 RANGES = {
     "data.num_workers": (0, True, 64, True), "data.train_limit": (0, True, None, None),
     "data.test_limit": (0, True, None, None), "data.translate": (0, True, 8, True),
-    "data.crop_padding": (0, True, 32, True), "data.rotate": (0, True, 180, True), "data.scale": (0, True, 0.5, True),
+    "data.crop_padding": (0, True, 32, True), "data.random_erasing": (0, True, 1, True),
+    "data.mixup_alpha": (0, True, None, None), "data.cutmix_alpha": (0, True, None, None),
+    "data.mix_off_epoch": (0, True, None, None), "data.rotate": (0, True, 180, True), "data.scale": (0, True, 0.5, True),
     "model.image_size": (1, True, 1024, True), "model.patch_size": (1, True, None, None),
     "model.dim": (1, True, None, None), "model.depth": (1, True, None, None), "model.heads": (1, True, None, None),
     "model.mlp_ratio": (0, False, None, None), "model.dropout": (0, True, 1, False),
@@ -59,7 +62,7 @@ RANGES = {
     "train.grad_clip": (0, True, None, None), "train.grad_accum": (1, True, None, None),
     "train.seed": (0, True, 2**31 - 1, True), "train.eval_batch_size": (1, True, None, None),
     "train.early_stop_patience": (0, True, None, None), "train.early_stop_min_delta": (0, True, 1, True),
-    "train.log_interval": (1, True, None, None),
+    "train.log_interval": (1, True, None, None), "train.ema_decay": (0, False, 1, False),
     "checkpoint.save_every": (1, True, None, None), "checkpoint.keep_last": (1, True, None, None),
     "checkpoint.resume_epoch": (-1, True, None, None),
     "distributed.timeout_s": (1, True, None, None), "distributed.master_port": (0, True, 65535, True),
@@ -156,6 +159,11 @@ def validate_config(cfg, schema):
     for key, default in schema.items():
         _check_value(key, values.get(key), default)
     m = cfg.model
+    if m.stem != "patch" and m.name != "vit":
+        raise UserError(f"model.stem={m.stem} needs model.name=vit ({m.name} has its own stem); "
+                        f"set model.stem=patch or model.name=vit")
+    if m.name == "resnet":  # patch_size and heads are ViT keys
+        return
     if m.image_size % m.patch_size:
         ok = [p for p in range(2, m.image_size + 1) if m.image_size % p == 0][:8]
         raise UserError(f"model.patch_size={m.patch_size} does not divide model.image_size={m.image_size}; "

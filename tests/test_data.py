@@ -7,12 +7,13 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import ROOT, idx_bytes, write_cifar_set, write_idx_set
-from data import (DataError, augment, batch_generator, epoch_permutation, load_raw, normalize, read_idx,
-                  shard_bounds)
+from data import (TRIVIAL_OPS, DataError, augment, batch_generator, epoch_permutation, load_raw, mix_batch, normalize,
+                  random_erasing, read_idx, shard_bounds, trivial_augment)
 
 
 def aug_cfg(**kw):
-    base = {"augment": True, "translate": 2, "crop_padding": 4, "hflip": True, "rotate": 0, "scale": 0.0}
+    base = {"augment": True, "translate": 2, "crop_padding": 4, "hflip": True, "rotate": 0, "scale": 0.0,
+            "trivial_augment": False, "random_erasing": 0.0}
     base.update(kw)
     return OmegaConf.create(base)
 
@@ -138,6 +139,58 @@ def test_random_affine_rotates_per_image_and_keeps_ink():
     assert width.max() > 6 and len(set(width.tolist())) > 3  # turned, and by different angles
     half = augment(x[16:], batch_generator(0, 1, 0), cfg, True, lo=16, total=32)
     assert torch.equal(out[16:], half)  # a rank's slice matches the global batch
+
+
+def test_hflip_for_fashion_never_for_digits():
+    x = torch.zeros(32, 1, 28, 28, dtype=torch.uint8)
+    x[:, :, :, :5] = 255  # ink on the left edge only
+    cfg = aug_cfg(translate=0)
+    digits = augment(x, batch_generator(0, 1, 0), cfg, True, flip_ok=False)
+    clothes = augment(x, batch_generator(0, 1, 0), cfg, True, flip_ok=True)
+    assert torch.equal(digits, x)
+    flipped = clothes[:, 0, 0, -1] == 255
+    assert 5 < int(flipped.sum()) < 27 and torch.equal(clothes[flipped], x[flipped].flip(-1))
+
+
+def test_trivial_augment_changes_images_by_one_op_each_and_slices_match():
+    torch.manual_seed(0)
+    x = torch.randint(30, 220, (256, 3, 16, 16), dtype=torch.uint8)
+    out = trivial_augment(x, batch_generator(0, 1, 0), 0, 256)
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    op = torch.randint(0, len(TRIVIAL_OPS), (256,), generator=batch_generator(0, 1, 0))  # the same first draw
+    changed = (out != x).flatten(1).any(1)
+    assert not changed[op == 0].any()  # identity
+    assert changed[op != 0].float().mean() > 0.9  # every other op moves pixels (a weak draw may not)
+    assert len(set(op.tolist())) == len(TRIVIAL_OPS)
+    half = trivial_augment(x[100:], batch_generator(0, 1, 0), 100, 256)
+    assert torch.equal(out[100:], half)
+    cfg = aug_cfg(trivial_augment=True, translate=0)
+    assert torch.equal(augment(x[:, :1], batch_generator(0, 1, 0), cfg, True),
+                       trivial_augment(x[:, :1], batch_generator(0, 1, 0), 0, 256))  # digits: one channel
+
+
+def test_random_erasing_boxes():
+    x = torch.zeros(200, 1, 28, 28, dtype=torch.uint8)
+    assert torch.equal(random_erasing(x, 0.0, batch_generator(0, 1, 0), 0, 200), x)
+    out = random_erasing(x, 1.0, batch_generator(0, 1, 0), 0, 200)
+    area = (out > 0).float().mean((1, 2, 3))  # noise is 0 for 1 pixel in 256
+    assert (area > 0.01).all() and (area < 0.38).all()  # 2-33% of the area, give or take rounding
+    rows = (out > 0).any(3).squeeze(1).sum(1)  # a rectangle: its rows * cols ~ its area
+    cols = (out > 0).any(2).squeeze(1).sum(1)
+    assert ((rows * cols).float() / 784 >= area - 1e-6).all()
+    some = random_erasing(x, 0.5, batch_generator(0, 1, 0), 0, 200)
+    assert 60 < int((some > 0).flatten(1).any(1).sum()) < 140
+
+
+def test_mixup_and_cutmix_lambda_is_what_was_mixed():
+    x = torch.arange(8.0).view(8, 1, 1, 1).expand(8, 1, 10, 10).contiguous()
+    mixed, lam = mix_batch(x, batch_generator(0, 1, 0), 0.8, 0.0)
+    assert 0 < lam < 1 and torch.allclose(mixed, lam * x + (1 - lam) * x.flip(0))
+    for step in range(5):
+        cut, lam = mix_batch(x, batch_generator(0, 1, step), 0.0, 1.0)
+        kept = (cut == x).float().mean((1, 2, 3))
+        assert torch.allclose(kept, torch.full((8,), lam))  # lam = the fraction of each image kept
+        assert set(cut.unique().tolist()) <= set(range(8))
 
 
 def test_normalize_resizes_on_device():

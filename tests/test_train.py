@@ -134,9 +134,12 @@ def test_training_reduces_loss_and_writes_every_output(tmp_path, mnist_root):
     model.load_state_dict(final["model"])
 
 
-@pytest.mark.parametrize("stop_check", [21 + 7, 21])  # mid epoch 2 (after its step 7); right after epoch 1
-def test_resume_is_bit_exact(tmp_path, mnist_root, monkeypatch, stop_check):
-    extra = ("train.epochs=2", "model.dropout=0.1", "model.drop_path=0.1")  # RNG streams matter too
+@pytest.mark.parametrize("stop_check, more", [
+    (21 + 7, ()),  # mid epoch 2 (after its step 7)
+    (21, ()),  # right after epoch 1
+    (21 + 7, ("train.ema=true", "train.ema_decay=0.9", "model.stem=conv"))])  # EMA and BatchNorm state too
+def test_resume_is_bit_exact(tmp_path, mnist_root, monkeypatch, stop_check, more):
+    extra = ("train.epochs=2", "model.dropout=0.1", "model.drop_path=0.1") + more  # RNG streams matter too
     a, b = tmp_path / "a", tmp_path / "b"
     assert train.main(small_run_args(a, mnist_root, *extra)) == 0
     StopAfter.n = stop_check  # 640 images / batch 32 = 20 steps: 20 step checks + 1 epoch-end check
@@ -150,6 +153,37 @@ def test_resume_is_bit_exact(tmp_path, mnist_root, monkeypatch, stop_check):
     assert comparable(read_metrics(b / "logs")) == comparable(read_metrics(a / "logs"))
     wa, wb = final_weights(a / "ckpt"), final_weights(b / "ckpt")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    if more:
+        ea, eb = (load_checkpoint(str(d / "ckpt" / "mnist_transformer_final.pth"))["ema_model"] for d in (a, b))
+        assert all(torch.equal(ea[k], eb[k]) for k in ea) and not torch.equal(ea["head.weight"], wa["head.weight"])
+
+
+def test_mixing_runs_until_mix_off_epoch_and_the_model_still_learns(tmp_path, mnist_root, monkeypatch):
+    calls = []
+    real = train.mix_batch
+    monkeypatch.setattr(train, "mix_batch", lambda *a: calls.append(1) or real(*a))
+    assert train.main(small_run_args(tmp_path, mnist_root, "train.epochs=3", "data.mixup_alpha=0.8",
+                                     "data.cutmix_alpha=1.0", "data.mix_off_epoch=3", "data.trivial_augment=true",
+                                     "data.random_erasing=0.25")) == 0
+    assert len(calls) == 2 * 20  # 640 images / batch 32: every step of epochs 1 and 2, none in epoch 3
+    m = read_metrics(tmp_path / "logs")
+    assert m[-1]["val_loss"] < 0.5 * m[0]["val_loss"] and m[-1]["val_acc"] > 0.9
+
+
+def test_ema_is_evaluated_saved_and_preferred(tmp_path, mnist_root, capsys):
+    assert train.main(small_run_args(tmp_path, mnist_root, "train.epochs=2", "train.ema=true",
+                                     "train.ema_decay=0.9")) == 0
+    m = read_metrics(tmp_path / "logs")
+    assert all(0.0 <= r["ema_val_acc"] <= 1.0 and r["ema_val_loss"] > 0 for r in m)
+    assert m[-1]["ema_val_acc"] > 0.9
+    final = load_checkpoint(str(tmp_path / "ckpt" / "mnist_transformer_final.pth"))
+    best = load_checkpoint(str(tmp_path / "ckpt" / "best.pth"))
+    assert set(final["ema_model"]) == set(final["model"]) and "ema_model" in best
+    assert "done: final ema_val_acc" in (tmp_path / "logs" / "train.log").read_text()
+    capsys.readouterr()
+    assert train.main(["--eval"] + small_run_args(tmp_path, mnist_root)) == 0
+    out = capsys.readouterr().out
+    assert "(EMA weights)" in out and f"Global Accuracy: {100 * m[-1]['ema_val_acc']:.2f}%" in out
 
 
 def test_eval_counts_every_test_image(tmp_path, mnist_root, capsys):
