@@ -36,7 +36,7 @@ import torch.nn.functional as F
 import train
 from data import Split, load_data, load_raw
 from model import model_args_from_config
-from utils import UserError, load_config
+from utils import UserError, exit_with, load_config
 
 
 def parse_args(argv=None):
@@ -547,4 +547,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

@@ -370,12 +370,13 @@ def trivial_augment(x, gen, lo, total):
         idx = geometric.nonzero().squeeze(1).to(dev)
         grid = F.affine_grid(theta[geometric].to(dev), [len(idx), C, H, W], align_corners=False)
         y[idx] = F.grid_sample(y[idx], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    factor = (1.0 + 0.9 * m).to(dev)
+    factor = 1.0 + 0.9 * m
     for n in TRIVIAL_OPS[name["brightness"]:]:
-        sel = (op == name[n]).to(dev)
+        sel = op == name[n]  # on the CPU: no device sync to find out which images drew the op
         if not sel.any():
             continue
-        idx, v, f = sel.nonzero().squeeze(1), y[sel], factor[sel]
+        idx = sel.nonzero().squeeze(1).to(dev)
+        v, f = y[idx], factor[sel].to(dev)
         if n == "brightness":
             v = _blend(v, torch.zeros_like(v), f)
         elif n == "color":
@@ -387,11 +388,11 @@ def trivial_augment(x, gen, lo, total):
             smooth = F.conv2d(F.pad(v, (1, 1, 1, 1), mode="replicate"), k.expand(C, 1, 3, 3).contiguous(), groups=C)
             v = _blend(v, smooth, f)
         elif n == "posterize":
-            bits = (8 - (mag[sel.cpu()] * 4).floor()).to(dev).view(-1, 1, 1, 1)  # keep 8..4 bits
+            bits = (8 - (mag[sel] * 4).floor()).to(dev).view(-1, 1, 1, 1)  # keep 8..4 bits
             step = 2.0 ** (8 - bits)
             v = ((v * 255).round() / step).floor() * step / 255
         elif n == "solarize":
-            threshold = (1.0 - mag[sel.cpu()]).to(dev).view(-1, 1, 1, 1)
+            threshold = (1.0 - mag[sel]).to(dev).view(-1, 1, 1, 1)
             v = torch.where(v >= threshold, 1.0 - v, v)
         elif n == "autocontrast":
             low = v.amin(dim=(2, 3), keepdim=True)

@@ -21,7 +21,7 @@ import torch
 
 from data import IMAGE_EXTS, normalize, rgb_uint8
 from model import build_model, preferred_weights
-from utils import UserError, load_checkpoint, load_config, newest_final
+from utils import UserError, exit_with, load_checkpoint, load_config, newest_final
 
 MAX_SIDE = 1024  # larger photos are shrunk first: a 28x28 result needs no more, and it bounds the work
 
@@ -358,4 +358,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 
 from data import NO_FLIP, augment, batch_generator, epoch_permutation, load_data, mix_batch, normalize, shard_bounds
 from model import ModelEMA, build_model, final_weights_name, model_args_from_config, preferred_weights, strip_prefixes
-from utils import (UserError, append_line, atomic_write_bytes, epoch_ckpt_name, find_resume_checkpoint,
+from utils import (UserError, append_line, atomic_write_bytes, exit_with, epoch_ckpt_name, find_resume_checkpoint,
                    get_rng_state, load_checkpoint, load_config, newest_final, prune_checkpoints, serialize,
                    set_rng_state, seed_everything, setup_logging, timestamp, to_plain, write_metrics)
 
@@ -896,4 +896,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

@@ -404,3 +404,14 @@ def seed_everything(seed):
 
 def timestamp():
     return time.strftime("%Y%m%d-%H%M%S")
+
+
+def exit_with(main):
+    """sys.exit(main()), quietly when stdout is a pipe that closed early (`... | head`)."""
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        code = 1
+    sys.exit(code)

@@ -83,3 +83,23 @@ def test_missing_cifar_without_network_lists_the_files(tmp_path):
                  f"log.dir={tmp_path}/logs", f"checkpoint.dir={tmp_path}/ckpt", "log.tensorboard=false"])
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "data_batch_1" in r.stderr and "test_batch" in r.stderr and os.path.join(str(tmp_path), "cifar-10-batches-py") in r.stderr
+
+
+def test_output_into_a_closed_pipe_is_no_traceback():
+    """`python infer.py --json | head -c 100` and the like: the reader has gone, the program stops
+    quietly with 1. train.py, infer.py and bench.py all end with utils.exit_with(main)."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    for script in ("train.py", "infer.py", "bench.py"):
+        with open(os.path.join(ROOT, script)) as f:
+            assert f.read().rstrip().endswith("exit_with(main)")
+    code = "import utils; utils.exit_with(lambda: print('x' * 100000) or 0)"
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write to stdout now fails with EPIPE
+    try:
+        r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, stdout=write_end, stderr=subprocess.PIPE,
+                           text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert r.returncode == 1 and r.stderr == "", r.stderr
