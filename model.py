@@ -284,6 +284,13 @@ class ModelEMA:
         for a, b in self._other:
             a.copy_(b)
 
+    @torch.no_grad()
+    def restart(self):
+        """Start the average over from the model's current weights (EMA switched on mid-run)."""
+        for a, b in self._float + self._other:
+            a.copy_(b)
+        self.updates = 0
+
     def state_dict(self):
         return {"model": self.module.state_dict(), "updates": self.updates}
 

@@ -326,9 +326,10 @@ def train_one_epoch(model, optimizer, schedule, scaler, split, ctx, state, stop,
         with model.no_sync() if ddp and not boundary else contextlib.nullcontext():
             with torch.autocast(dev.type, dtype=ctx.amp_dtype or torch.float32, enabled=ctx.amp_dtype is not None):
                 logits = model(x)
-                loss = F.cross_entropy(logits, y, label_smoothing=tcfg.label_smoothing)
+                smooth = tcfg.label_smoothing
+                loss = F.cross_entropy(logits, y, label_smoothing=smooth)
                 if lam < 1.0:
-                    loss = lam * loss + (1 - lam) * F.cross_entropy(logits, y.flip(0), label_smoothing=tcfg.label_smoothing)
+                    loss = lam * loss + (1 - lam) * F.cross_entropy(logits, y.flip(0), label_smoothing=smooth)
             scaler.scale(loss / tcfg.grad_accum).backward()
         with torch.no_grad():
             sums += torch.stack([loss.detach().to(fdtype) * y.numel(), (logits.argmax(1) == y).sum().to(fdtype),
@@ -544,7 +545,7 @@ def try_resume(cfg, ctx, model, optimizer, schedule, scaler, state, ema=None):
     if ema is not None and ckpt.get("ema"):
         ema.load_state_dict(ckpt["ema"])
     elif ema is not None:  # EMA switched on mid-run: start the average from the resumed weights
-        ema.__init__(model, ema.decay, ema.warmup)
+        ema.restart()
         ctx.logger.warning("the checkpoint holds no EMA weights (train.ema was off); the EMA starts from its weights")
     state.epoch, state.step = int(ckpt["epoch"]), int(ckpt["step_in_epoch"])
     state.sums = list(ckpt["epoch_sums"]) if ctx.rank == 0 else [0.0, 0.0, 0.0]

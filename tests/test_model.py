@@ -80,6 +80,10 @@ def test_ema_follows_the_weights_with_warmup_and_copies_integer_buffers():
     assert again.updates == 201 and torch.equal(again.module[0].weight, ema.module[0].weight)
     plain = ModelEMA(net, decay=0.9, warmup=False)
     assert plain.current_decay() == 0.9
+    with torch.no_grad():
+        net[0].weight.mul_(3.0)
+    plain.restart()  # train.ema switched on when resuming a run that had none
+    assert plain.updates == 0 and torch.equal(plain.module[0].weight, net[0].weight)
 
 
 def test_preferred_weights_are_the_ema_ones():
