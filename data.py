@@ -328,6 +328,7 @@ def random_affine(x, degrees, scale, gen, lo, total):
 
 TRIVIAL_OPS = ("identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness", "color",
                "contrast", "sharpness", "posterize", "solarize", "autocontrast")
+_OP = {n: i for i, n in enumerate(TRIVIAL_OPS)}
 
 
 def _blend(a, b, factor):
@@ -348,7 +349,7 @@ def trivial_augment(x, gen, lo, total):
     op = torch.randint(0, len(TRIVIAL_OPS), (total,), generator=gen)[lo:lo + B]
     mag = torch.rand(total, generator=gen)[lo:lo + B]
     sign = torch.where(torch.rand(total, generator=gen)[lo:lo + B] < 0.5, -1.0, 1.0)
-    name = {n: i for i, n in enumerate(TRIVIAL_OPS)}
+    name = _OP
     theta = torch.zeros(B, 2, 3)
     theta[:, 0, 0] = theta[:, 1, 1] = 1.0
     m = mag * sign

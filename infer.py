@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from data import IMAGE_EXTS, normalize, rgb_uint8
-from model import build_model, preferred_weights
-from utils import UserError, exit_with, load_checkpoint, load_config, newest_final
+from model import load_trained
+from utils import UserError, exit_with, load_config, newest_final
 
 MAX_SIDE = 1024  # larger photos are shrunk first: a 28x28 result needs no more, and it bounds the work
 
@@ -53,18 +53,8 @@ def find_checkpoint(given):
 
 
 def load_model(path, device):
-    """(model in eval mode, data_info) from a checkpoint; weights saved on a GPU load anywhere."""
-    ckpt = load_checkpoint(path, map_location="cpu")
-    if "model_args" not in ckpt or "data_info" not in ckpt:
-        raise UserError(f"checkpoint '{path}' has no model_args/data_info, so the model cannot be rebuilt from it; "
-                        f"use a *_final.pth or best.pth written by train.py", code=1)
-    model = build_model(ckpt["model_args"])
-    try:
-        model.load_state_dict(preferred_weights(ckpt)[0])  # the EMA weights when the run kept them
-    except RuntimeError as e:
-        raise UserError(f"checkpoint '{path}': the weights do not fit its model_args "
-                        f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}); "
-                        f"the file was edited or mixed from two runs", code=1)
+    """(model in eval mode with the EMA weights when the run kept them, data_info, image size)."""
+    model, ckpt, _ = load_trained(path)
     return model.to(device).eval(), ckpt["data_info"], ckpt["model_args"]["image_size"]
 
 

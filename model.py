@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from utils import UserError, load_checkpoint
+
 MODEL_NAMES = ("vit", "torchvision_vit", "resnet")
 
 
@@ -269,8 +271,9 @@ class ModelEMA:
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay, self.warmup, self.updates = float(decay), bool(warmup), 0
         pairs = list(zip(self.module.state_dict().values(), model.state_dict().values()))
-        self._float = [(a, b) for a, b in pairs if a.is_floating_point()]
-        self._other = [(a, b) for a, b in pairs if not a.is_floating_point()]
+        self._avg = [a for a, _ in pairs if a.is_floating_point()]  # averaged ...
+        self._src = [b for a, b in pairs if a.is_floating_point()]  # ... from these live tensors
+        self._copied = [(a, b) for a, b in pairs if not a.is_floating_point()]  # e.g. num_batches_tracked
 
     def current_decay(self):
         return min(self.decay, (1 + self.updates) / (10 + self.updates)) if self.warmup else self.decay
@@ -279,15 +282,15 @@ class ModelEMA:
     def update(self):
         d = self.current_decay()
         self.updates += 1
-        if self._float:
-            torch._foreach_lerp_([a for a, _ in self._float], [b for _, b in self._float], 1.0 - d)
-        for a, b in self._other:
+        if self._avg:
+            torch._foreach_lerp_(self._avg, self._src, 1.0 - d)
+        for a, b in self._copied:
             a.copy_(b)
 
     @torch.no_grad()
     def restart(self):
         """Start the average over from the model's current weights (EMA switched on mid-run)."""
-        for a, b in self._float + self._other:
+        for a, b in list(zip(self._avg, self._src)) + self._copied:
             a.copy_(b)
         self.updates = 0
 
@@ -304,6 +307,25 @@ def preferred_weights(ckpt):
     if ckpt.get("ema_model") is not None:
         return strip_prefixes(ckpt["ema_model"]), "EMA"
     return strip_prefixes(ckpt["model"]), "raw"
+
+
+def load_trained(path):
+    """(model on the CPU with its preferred weights, the checkpoint, "EMA" or "raw") from a file
+    that train.py wrote; weights saved on a GPU load anywhere. A file that cannot rebuild its
+    model is a one-line UserError."""
+    ckpt = load_checkpoint(path, map_location="cpu")
+    if "model_args" not in ckpt or "data_info" not in ckpt:
+        raise UserError(f"checkpoint '{path}' has no model_args/data_info, so the model cannot be rebuilt from it; "
+                        f"use a *_final.pth or best.pth written by train.py", code=1)
+    model = build_model(ckpt["model_args"])
+    weights, kind = preferred_weights(ckpt)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise UserError(f"checkpoint '{path}': the weights do not fit its model_args "
+                        f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}); "
+                        f"the file was edited or mixed from two runs", code=1)
+    return model, ckpt, kind
 
 
 def final_weights_name(dataset, model_name):

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from data import NO_FLIP, augment, batch_generator, epoch_permutation, load_data, mix_batch, normalize, shard_bounds
-from model import ModelEMA, build_model, final_weights_name, model_args_from_config, preferred_weights, strip_prefixes
+from model import ModelEMA, build_model, final_weights_name, load_trained, model_args_from_config, strip_prefixes
 from utils import (UserError, append_line, atomic_write_bytes, exit_with, epoch_ckpt_name, find_resume_checkpoint,
                    get_rng_state, load_checkpoint, load_config, newest_final, prune_checkpoints, serialize,
                    set_rng_state, seed_everything, setup_logging, timestamp, to_plain, write_metrics)
@@ -597,15 +597,13 @@ def run_eval(cfg, args, rank, world, local_rank):
     path = args.checkpoint or newest_final(cfg.checkpoint.dir)
     if path is None:
         raise UserError(f"--eval needs --checkpoint PATH (no *_final.pth in {cfg.checkpoint.dir})")
-    ckpt = load_checkpoint(path)
+    model, ckpt, kind = load_trained(path)  # a bad file stops here, before any process group
     device, logger = setup(cfg, args, rank, world, local_rank)
     info_d, margs = ckpt["data_info"], ckpt["model_args"]
     dcfg = OmegaConf.merge(cfg.data, {"dataset": info_d["dataset"], "train_limit": 1})
     _, test, info = load_data(dcfg, margs["image_size"], device, logger)
     info.mean, info.std, info.classes = tuple(info_d["mean"]), tuple(info_d["std"]), info_d["classes"]
-    model = build_model(margs).to(device)
-    weights, kind = preferred_weights(ckpt)
-    model.load_state_dict(weights)
+    model.to(device)
     ctx = RunCtx(cfg, device, rank, world, info, amp_dtype_for(cfg.train.amp, device), 0, logger)
     res = evaluate(model, test, ctx, margs["image_size"], cfg.train.eval_batch_size)
     if rank == 0:

@@ -186,6 +186,14 @@ def test_ema_is_evaluated_saved_and_preferred(tmp_path, mnist_root, capsys):
     assert "(EMA weights)" in out and f"Global Accuracy: {100 * m[-1]['ema_val_acc']:.2f}%" in out
 
 
+def test_eval_of_a_file_that_cannot_rebuild_its_model_is_one_line(tmp_path, mnist_root, capsys):
+    bad = str(tmp_path / "weights_only.pth")
+    torch.save({"model": {"head.weight": torch.zeros(1)}}, bad)
+    assert train.main(["--eval", "--checkpoint", bad] + small_run_args(tmp_path, mnist_root)) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has no model_args/data_info" in err and "Traceback" not in err
+
+
 def test_eval_counts_every_test_image(tmp_path, mnist_root, capsys):
     assert train.main(small_run_args(tmp_path, mnist_root, "train.epochs=1")) == 0
     ckpt = str(tmp_path / "ckpt" / "mnist_transformer_final.pth")
