@@ -215,6 +215,9 @@ def load_config(config_file=None, overrides=(), extra=None):
         raise UserError(f"environment={env!r} is not allowed; choose one of: {'|'.join(CHOICES['environment'])}")
     profile = OmegaConf.to_container(merged.profiles).get(env) or {}
     cfg = OmegaConf.merge(merged, profile, *layers_cli)
+    for key, choices in CHOICES.items():  # YAML reads `off` as false: train.amp=off means the word
+        if "off" in choices and OmegaConf.select(cfg, key) is False:
+            OmegaConf.update(cfg, key, "off")
     validate_config(cfg, schema)
     OmegaConf.set_readonly(cfg, True)
     return cfg

@@ -50,6 +50,16 @@ def test_bad_values_name_the_key(overrides, key, words):
     assert key in msg and words in msg and "\n" not in msg
 
 
+def test_off_is_the_word_off_not_false(tmp_path):
+    # YAML reads a bare `off` as false; train.amp's value `off` must still work from file and CLI
+    preset = tmp_path / "p.yaml"
+    preset.write_text("train:\n  amp: off\n")
+    assert load_config(None, ["train.amp=off"]).train.amp == "off"
+    assert load_config(str(preset)).train.amp == "off"
+    with pytest.raises(UserError, match="train.amp"):
+        load_config(None, ["train.amp=true"])
+
+
 def test_unknown_key_in_preset_file(tmp_path):
     preset = tmp_path / "p.yaml"
     preset.write_text("model:\n  dimm: 3\n")

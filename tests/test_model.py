@@ -99,3 +99,24 @@ def test_resnet18_shape_and_size():
     assert model.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     small = build_model(dict(ARGS, name="resnet", dim=8, depth=1))  # 1-channel 28x28 digits too
     assert small(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_bf16_cpu_attention_matches_sdpa():
+    # under CPU bf16 autocast the attention runs as two matmuls (SDPA's bf16 backward is slow there);
+    # its output and gradients must match SDPA's on the same bf16 inputs
+    from model import Attention
+    torch.manual_seed(0)
+    att = Attention(32, 4)
+    x = torch.randn(3, 10, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = att(x)
+    assert out.dtype == torch.bfloat16
+    out.float().square().sum().backward()
+    grad = att.qkv.weight.grad.clone()
+    att.zero_grad()
+    qkv = att.qkv(x).bfloat16().view(3, 10, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    ref = torch.nn.functional.scaled_dot_product_attention(*qkv.unbind(0)).float()
+    ref = att.proj(ref.transpose(1, 2).reshape(3, 10, 32))
+    ref.square().sum().backward()
+    assert torch.allclose(out.float(), ref, atol=3e-2, rtol=3e-2)
+    assert torch.allclose(grad, att.qkv.weight.grad, atol=5e-2, rtol=5e-2)
