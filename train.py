@@ -521,7 +521,20 @@ def resume_requested(cfg):
     return mode is True or mode == "auto" or restarted, mode is True
 
 
-def try_resume(cfg, ctx, model, optimizer, schedule, scaler, state, ema=None):
+def check_same_run(path, ckpt, model_args, dataset):
+    """A checkpoint of another model or data set (a reused checkpoint.dir) would not load, or
+    would silently train on the wrong labels: stop with the keys that differ."""
+    old_args, old_data = ckpt.get("model_args") or {}, (ckpt.get("data_info") or {}).get("dataset", dataset)
+    diff = [f"model.{k}={old_args.get(k)!r} there, {model_args.get(k)!r} now" for k in sorted(model_args)
+            if k in old_args and old_args[k] != model_args[k]]
+    if old_data != dataset:
+        diff.insert(0, f"data.dataset={old_data} there, {dataset} now")
+    if diff:
+        raise UserError(f"checkpoint '{path}' is from another run ({'; '.join(diff)}); resume with that run's "
+                        f"config, or set checkpoint.dir to a new folder or checkpoint.resume=false")
+
+
+def try_resume(cfg, ctx, model, model_args, optimizer, schedule, scaler, state, ema=None):
     """Load the newest valid checkpoint (rank 0 picks it; all ranks load the same file)."""
     wanted, required = resume_requested(cfg)
     if not wanted:
@@ -538,6 +551,7 @@ def try_resume(cfg, ctx, model, optimizer, schedule, scaler, state, ema=None):
                             f"train without checkpoint.resume=true, or set checkpoint.dir")
         return None
     ckpt = found[1] if found else load_checkpoint(path)
+    check_same_run(path, ckpt, model_args, ctx.info.dataset)
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     schedule.load_state_dict(ckpt["scheduler"])
@@ -658,7 +672,7 @@ def run_train(cfg, args, rank, world, local_rank):
     model_args = model_args_from_config(cfg.model, info.in_channels, len(info.classes))
     raw_model, model, optimizer, schedule, scaler, ema = build_training(cfg, ctx, model_args)
     state = TrainState()
-    resumed = try_resume(cfg, ctx, raw_model, optimizer, schedule, scaler, state, ema)
+    resumed = try_resume(cfg, ctx, raw_model, model_args, optimizer, schedule, scaler, state, ema)
     if rank == 0:
         os.makedirs(cfg.checkpoint.dir, exist_ok=True)
         atomic_write_bytes(os.path.join(cfg.log.dir, "config.yaml"), _yaml(cfg))

@@ -112,6 +112,18 @@ def test_resume_true_without_checkpoint_is_a_clear_error(tmp_path, mnist_root, c
     assert "checkpoint.resume=true" in err and "no readable checkpoint" in err
 
 
+def test_resume_from_another_models_checkpoint_is_a_clear_error(tmp_path, mnist_root, capsys):
+    assert train.main(small_run_args(tmp_path, mnist_root, "train.epochs=1")) == 0
+    before = sorted(os.listdir(tmp_path / "ckpt"))
+    capsys.readouterr()
+    assert train.main(small_run_args(tmp_path, mnist_root, "train.epochs=2", "model.depth=3",
+                                     "checkpoint.resume=true")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "model.depth=" in err and "from another run" in err and "checkpoint.dir" in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert sorted(os.listdir(tmp_path / "ckpt")) == before  # nothing of the old run was touched
+
+
 # ------------------------------------------------------------------------------------ whole runs
 
 def test_training_reduces_loss_and_writes_every_output(tmp_path, mnist_root):
