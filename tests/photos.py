@@ -3,6 +3,7 @@ in modes L/RGB/RGBA/P, saved as PNG/JPEG/BMP. The tests use them, and they made 
 
     python tests/photos.py test_digit --small --plain 2   # the shipped samples (10 files)
     python tests/photos.py DIR --count 60 --broken     # a measurement set from MNIST test digits
+    python tests/photos.py DIR --count 300 --fine-pen 560   # digits drawn with a fine pen
 
 File names start with the true label (`7_...`), so accuracy can be read off the output.
 """
@@ -63,6 +64,13 @@ def paper_photo(digit, rng, height=None, canvas=None, blur=None, noise=None, tra
     return im
 
 
+def fine_pen(digit, side):
+    """The digit as if written with a fine pen on a `side` px sheet: upscaled, only the core of the
+    stroke kept (a pen of about side/45 px), dark ink on white."""
+    big = Image.fromarray(digit).resize((side, side), Image.BICUBIC)
+    return Image.fromarray(255 - np.asarray(big.point(lambda v: 255 if v > 250 else 0), dtype=np.uint8))
+
+
 def to_mode(im, mode):
     if mode == "P":
         return im.convert("RGB").quantize(64)
@@ -77,9 +85,10 @@ def encode(im, fmt):
     return buf.getvalue()
 
 
-def write_set(out, digits, labels, indices, seed, plain=0, broken=False, small=False):
+def write_set(out, digits, labels, indices, seed, plain=0, broken=False, small=False, pen_side=0):
     """Photos of digits[indices] in the cycling STYLES; the first `plain` stay MNIST-like (28x28
     white on black). `small`: 40..64 px digits with little noise, so each file is a few KB.
+    `pen_side`: fine-pen drawings on a sheet of that size instead (grey PNG).
     Returns the list of (path, label)."""
     rng = np.random.default_rng(seed)
     os.makedirs(out, exist_ok=True)
@@ -90,6 +99,8 @@ def write_set(out, digits, labels, indices, seed, plain=0, broken=False, small=F
         label = int(labels[i])
         if n < plain:
             im, tag = Image.fromarray(digits[i]), "mnist"
+        elif pen_side:
+            (im, tag), fmt = (fine_pen(digits[i], pen_side), "finepen"), "PNG"
         else:
             look = {"min_height": 40, "max_height": 64, "noise": rng.uniform(1, 3)} if small else {}
             im = paper_photo(digits[i], rng, transparent=mode == "RGBA" and n % 4 == 2, **look)
@@ -113,6 +124,8 @@ def main(argv=None):
     p.add_argument("--plain", type=int, default=0, help="how many stay plain 28x28 MNIST images (default: 0)")
     p.add_argument("--broken", action="store_true", help="add a zero-byte .png and a text file named .jpg")
     p.add_argument("--small", action="store_true", help="40..64 px digits, little noise: a few KB a file")
+    p.add_argument("--fine-pen", type=int, default=0, metavar="SIDE",
+                   help="draw each digit with a fine pen on a SIDE px sheet instead (e.g. 560)")
     args = p.parse_args(argv)
     digits, labels = mnist_test_digits()
     rng = np.random.default_rng(args.seed)
@@ -120,7 +133,7 @@ def main(argv=None):
     indices = np.concatenate([rng.choice(np.flatnonzero(labels == k), per_class, replace=False) for k in range(10)])
     indices = rng.permutation(indices)[:args.count]
     for path, label in write_set(args.out, digits, labels, indices, args.seed, args.plain, args.broken,
-                                 args.small):
+                                 args.small, args.fine_pen):
         print(f"{path}  ({os.path.getsize(path)} bytes)")
 
 

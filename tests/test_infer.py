@@ -19,7 +19,7 @@ import infer
 import train
 from conftest import ROOT, small_run_args, write_cifar_set, write_idx_set
 from model import build_model
-from photos import STYLES, encode, mnist_test_digits, paper_photo, to_mode
+from photos import STYLES, encode, fine_pen, mnist_test_digits, paper_photo, to_mode
 from utils import load_checkpoint, save_checkpoint
 
 MNIST_INFO = {"dataset": "mnist", "classes": data.DIGITS, "mean": [0.1307], "std": [0.3081], "in_channels": 1,
@@ -102,6 +102,25 @@ def test_photos_of_real_digits_come_back_as_the_mnist_digit():
     # an MNIST image itself (white on black) is not inverted and comes back unchanged
     same = infer.prepare(Image.fromarray(digits[0]), MNIST_INFO)[0]
     assert np.abs(same.astype(int) - digits[0]).mean() < 3
+
+
+@pytest.mark.skipif(not HAVE_MNIST, reason="shipped MNIST not present")
+def test_a_fine_pen_on_a_large_photo_is_widened_to_mnist_stroke():
+    """A digit written with a fine pen on a 560 px photo shrinks to a faint hair unless the stroke
+    is widened first; a pen already as wide as MNIST's is left alone."""
+    digits, _ = mnist_test_digits()
+    raw, widened, bare, corr = [], [], [], []
+    for d in digits[:20]:
+        fine = fine_pen(d, 560)
+        x = infer.prepare(fine, MNIST_INFO)[0]
+        raw.append(d.mean()), widened.append(x.mean()), bare.append(infer.mnist_style(fine, pen=None).mean())
+        corr.append(np.corrcoef(x.ravel().astype(float), d.ravel().astype(float))[0, 1])
+        big = Image.fromarray(d).resize((560, 560), Image.BICUBIC)
+        thick = Image.fromarray(255 - np.asarray(big.point(lambda v: 255 if v > 100 else 0)))  # MNIST's pen
+        assert np.array_equal(infer.prepare(thick, MNIST_INFO)[0], infer.mnist_style(thick, pen=None))
+    ink, ink_bare = np.mean(widened) / np.mean(raw), np.mean(bare) / np.mean(raw)
+    assert 0.8 < ink < 1.25 and ink_bare < 0.6, (ink, ink_bare)  # measured: 1.03 and 0.37
+    assert np.median(corr) > 0.8, corr
 
 
 def test_blank_page_gives_an_empty_input():
