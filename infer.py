@@ -181,8 +181,8 @@ def resize_float(a, w, h):
 
 def mnist_style(im, size=28, box=20, by_mass=True, pen=PEN):
     """uint8 (size, size), white ink on black, as MNIST was made: crop to the ink with a margin,
-    widen a pen much finer than `pen` output px to `pen` (None: never), scale the longer side to `box` px
-    keeping the aspect ratio, then centre on the centre of mass (by_mass) or on the box."""
+    widen a pen much finer than `pen` output px to `pen` (None: never), scale the longer side to
+    `box` px keeping the aspect ratio, then centre on the centre of mass (by_mass) or on the box."""
     ink = ink_map(to_gray(im))
     found = ink_box(ink)
     out = np.zeros((size, size), np.float32)

@@ -523,10 +523,11 @@ def resume_requested(cfg):
 
 def check_same_run(path, ckpt, model_args, dataset):
     """A checkpoint of another model or data set (a reused checkpoint.dir) would not load, or
-    would silently train on the wrong labels: stop with the keys that differ."""
+    would silently train on the wrong labels: stop with the keys that differ. Dropout and drop
+    path may change between the legs of a run."""
     old_args, old_data = ckpt.get("model_args") or {}, (ckpt.get("data_info") or {}).get("dataset", dataset)
-    diff = [f"model.{k}={old_args.get(k)!r} there, {model_args.get(k)!r} now" for k in sorted(model_args)
-            if k in old_args and old_args[k] != model_args[k]]
+    diff = [f"model.{k}={old_args[k]!r} there, {model_args[k]!r} now" for k in sorted(model_args)
+            if k in old_args and old_args[k] != model_args[k] and k not in ("dropout", "drop_path")]
     if old_data != dataset:
         diff.insert(0, f"data.dataset={old_data} there, {dataset} now")
     if diff:

@@ -100,7 +100,7 @@ def write_set(out, digits, labels, indices, seed, plain=0, broken=False, small=F
         if n < plain:
             im, tag = Image.fromarray(digits[i]), "mnist"
         elif pen_side:
-            (im, tag), fmt = (fine_pen(digits[i], pen_side), "finepen"), "PNG"
+            im, tag, fmt = fine_pen(digits[i], pen_side), "finepen", "PNG"
         else:
             look = {"min_height": 40, "max_height": 64, "noise": rng.uniform(1, 3)} if small else {}
             im = paper_photo(digits[i], rng, transparent=mode == "RGBA" and n % 4 == 2, **look)

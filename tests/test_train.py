@@ -122,6 +122,9 @@ def test_resume_from_another_models_checkpoint_is_a_clear_error(tmp_path, mnist_
     assert "model.depth=" in err and "from another run" in err and "checkpoint.dir" in err
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert sorted(os.listdir(tmp_path / "ckpt")) == before  # nothing of the old run was touched
+    # a new dropout is not another run: it resumes
+    assert train.main(small_run_args(tmp_path, mnist_root, "train.epochs=2", "model.dropout=0.1",
+                                     "checkpoint.resume=true")) == 0
 
 
 # ------------------------------------------------------------------------------------ whole runs
