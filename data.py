@@ -349,31 +349,30 @@ def trivial_augment(x, gen, lo, total):
     op = torch.randint(0, len(TRIVIAL_OPS), (total,), generator=gen)[lo:lo + B]
     mag = torch.rand(total, generator=gen)[lo:lo + B]
     sign = torch.where(torch.rand(total, generator=gen)[lo:lo + B] < 0.5, -1.0, 1.0)
-    name = _OP
     theta = torch.zeros(B, 2, 3)
     theta[:, 0, 0] = theta[:, 1, 1] = 1.0
     m = mag * sign
-    sel = op == name["shear_x"]
+    sel = op == _OP["shear_x"]
     theta[sel, 0, 1] = 0.3 * m[sel]
-    sel = op == name["shear_y"]
+    sel = op == _OP["shear_y"]
     theta[sel, 1, 0] = 0.3 * m[sel]
-    sel = op == name["translate_x"]
+    sel = op == _OP["translate_x"]
     theta[sel, 0, 2] = 0.9 * m[sel]  # 0.45 of the side, in the [-1, 1] grid units of affine_grid
-    sel = op == name["translate_y"]
+    sel = op == _OP["translate_y"]
     theta[sel, 1, 2] = 0.9 * m[sel]
-    sel = op == name["rotate"]
+    sel = op == _OP["rotate"]
     a = torch.deg2rad(30.0 * m[sel])
     theta[sel, 0, 0], theta[sel, 0, 1], theta[sel, 1, 0], theta[sel, 1, 1] = a.cos(), -a.sin(), a.sin(), a.cos()
     dev = x.device
     y = x.float().div_(255.0)
-    geometric = (op >= name["shear_x"]) & (op <= name["rotate"])
+    geometric = (op >= _OP["shear_x"]) & (op <= _OP["rotate"])
     if geometric.any():
         idx = geometric.nonzero().squeeze(1).to(dev)
         grid = F.affine_grid(theta[geometric].to(dev), [len(idx), C, H, W], align_corners=False)
         y[idx] = F.grid_sample(y[idx], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     factor = 1.0 + 0.9 * m
-    for n in TRIVIAL_OPS[name["brightness"]:]:
-        sel = op == name[n]  # on the CPU: no device sync to find out which images drew the op
+    for n in TRIVIAL_OPS[_OP["brightness"]:]:
+        sel = op == _OP[n]  # on the CPU: no device sync to find out which images drew the op
         if not sel.any():
             continue
         idx = sel.nonzero().squeeze(1).to(dev)

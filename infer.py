@@ -192,10 +192,11 @@ def mnist_style(im, size=28, box=20, by_mass=True, pen=PEN):
     scale = box / max(b - t, r - l)
     m = math.ceil(2 / scale)  # two output pixels of margin keep the blurred stroke edges
     crop = np.pad(ink, m)[t:b + 2 * m, l:r + 2 * m]
-    width = pen_width(crop > 0.5)  # in photo pixels
-    if pen and width * scale < THIN * pen:  # else a fine pen on a large photo shrinks to a faint hair
+    if pen:  # else a fine pen on a large photo shrinks to a faint hair
+        width = pen_width(crop > 0.5)  # in photo pixels
         grow = round(pen / scale - width)
-        crop = widen(crop, grow + 1 - grow % 2) if grow >= 2 else crop  # odd: the stroke grows evenly
+        if width * scale < THIN * pen and grow >= 2:
+            crop = widen(crop, grow + 1 - grow % 2)  # odd: the stroke grows evenly
     small = np.clip(resize_float(crop, max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale))), 0, 1)
     h, w = small.shape
     if by_mass and small.sum() > 0:

@@ -763,7 +763,8 @@ def _train_loop(cfg, ctx, raw_model, model, optimizer, schedule, scaler, ema, st
             plot_curves(state.history, os.path.join(cfg.checkpoint.dir, "training_curves.png"))
             logger.info(f"epoch {epoch}/{tcfg.epochs} train_loss {record['train_loss']:.4f} train_acc "
                         f"{record['train_acc']:.4f} val_loss {record['val_loss']:.4f} val_acc {record['val_acc']:.4f} "
-                        + (f"ema_val_acc {record['ema_val_acc']:.4f} " if ema else "") + f"lr {record['lr']:.2e} {record['epoch_time_s']:.1f}s {record['images_per_s']:.0f} img/s")
+                        + (f"ema_val_acc {record['ema_val_acc']:.4f} " if ema else "")
+                        + f"lr {record['lr']:.2e} {record['epoch_time_s']:.1f}s {record['images_per_s']:.0f} img/s")
         if early:
             logger.info(f"early stop: val_acc has not improved by {tcfg.early_stop_min_delta} for "
                         f"{state.bad_epochs} epochs")
