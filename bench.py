@@ -1,20 +1,20 @@
 """Measure training speed, evaluation speed, memory and time to accuracy for any config.
 
     python bench.py [--config FILE] [key.sub=value ...]                  our pipeline
-    python bench.py --reference [...]                                     and the seed-style one, side by side
-    python bench.py --target-acc 0.98 --max-train-s 900 [--reference] [...]
+    python bench.py --baseline [...]                                      and a DataLoader baseline, side by side
+    python bench.py --target-acc 0.98 --max-train-s 900 [--baseline] [...]
 
-Our pipeline is train.py's own code: load_data, build_model, build_optimizer, Schedule,
-train_one_epoch and evaluate, called with the config's settings. The reference is the seed-style
-pipeline at the same model dims (or, with --ref-model seed, the seed's): torchvision per-sample transforms (ToTensor, Normalize) on a
-Dataset of PIL images, a DataLoader (batch 64, shuffle, main-process loading by default), a ViT
-built from nn.TransformerEncoder (batch_first, pre-norm), Adam 1e-3 and a per-epoch cosine over 5
-epochs, with the per-step loss.item() the seed logged. Both read the same files through data.py's
-parser, so nothing is downloaded.
+Our pipeline is train.py's own code: load_data, build_training, train_one_epoch and evaluate,
+called with the config's settings. The baseline is the usual tutorial pipeline at the same model
+dims (or, with --baseline-dims tutorial, a typical tutorial ViT's): torchvision per-sample
+transforms (ToTensor, Normalize) on a Dataset of PIL images, a DataLoader (batch 64, shuffle,
+main-process loading by default), a ViT built from nn.TransformerEncoder (batch_first, pre-norm),
+Adam 1e-3 and a per-epoch cosine over 5 epochs, with a loss.item() per step for its running loss.
+Both read the same files through data.py's parser, so nothing is downloaded.
 
-Each measurement is one JSON line on stdout; a table with the ratios ours/reference goes to stderr
+Each measurement is one JSON line on stdout; a table with the ratios ours/baseline goes to stderr
 at the end. Throughput is the median of --windows timed windows after --warmup-steps untimed
-steps; with --reference the two pipelines take turns window by window, so a change in the
+steps; with --baseline the two pipelines take turns window by window, so a change in the
 machine's load hits both. CUDA work is synchronized before every clock read. Evaluation passes
 never count as training time.
 """
@@ -34,16 +34,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import train
+from checkpoint import TrainState
 from data import Split, load_data, load_raw
+from launch import StopSignal
 from model import model_args_from_config
-from utils import UserError, exit_with, load_config
+from utils import UserError, exit_with, load_config, resolve_device, user_errors
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Benchmark training and evaluation speed, memory and time to accuracy. "
                                 "Config keys are overridden as key.sub=value after the flags, as for train.py.")
     p.add_argument("--config", default=None, help="YAML layered on config.yaml (default: config.yaml alone)")
-    p.add_argument("--reference", action="store_true", help="also run the seed-style pipeline and print ratios")
+    p.add_argument("--baseline", "--reference", action="store_true",
+                   help="also run the DataLoader baseline and print the ratios ours/baseline")
     p.add_argument("--windows", type=int, default=5, help="timed windows; the median is reported (default: 5)")
     p.add_argument("--window-steps", type=int, default=20, help="training steps per timed window (default: 20)")
     p.add_argument("--warmup-steps", type=int, default=10, help="untimed steps before the windows (default: 10)")
@@ -55,24 +58,23 @@ def parse_args(argv=None):
                    help="stop a --target-acc run after this many training seconds (default: 0, no cap)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads for both pipelines (default: 0, torch's own choice: one per core)")
-    p.add_argument("--ref-workers", type=int, default=0,
-                   help="reference DataLoader num_workers (default: 0, loading in the main process)")
-    p.add_argument("--ref-model", choices=("config", "seed"), default="config",
-                   help="reference ViT dims: config = the config's model keys (a like-for-like speed ratio); "
-                        "seed = the seed's patch 4, dim 64, depth 6, 4 heads (time to accuracy against the seed) "
-                        "(default: config)")
-    p.add_argument("--ref-batch", type=int, default=64, help="reference batch size (default: 64, the seed's)")
-    p.add_argument("--ref-epochs", type=int, default=5,
-                   help="reference epochs, the length of its cosine schedule (default: 5, the seed's)")
+    p.add_argument("--baseline-workers", type=int, default=0,
+                   help="baseline DataLoader num_workers (default: 0, loading in the main process)")
+    p.add_argument("--baseline-dims", choices=("config", "tutorial"), default="config",
+                   help="baseline ViT dims: config = the config's model keys (a like-for-like speed ratio); "
+                        "tutorial = patch 4, dim 64, depth 6, 4 heads, a typical tutorial ViT (default: config)")
+    p.add_argument("--baseline-batch", type=int, default=64, help="baseline batch size (default: 64)")
+    p.add_argument("--baseline-epochs", type=int, default=5,
+                   help="baseline epochs, the length of its cosine schedule (default: 5)")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. model.dim=64 train.batch_size=64")
     return p.parse_args(argv)
 
 
 def check_args(args):
-    for name in ("windows", "window_steps", "ref_batch", "ref_epochs"):
+    for name in ("windows", "window_steps", "baseline_batch", "baseline_epochs"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
-    for name in ("warmup_steps", "eval_images", "threads", "ref_workers", "max_train_s"):
+    for name in ("warmup_steps", "eval_images", "threads", "baseline_workers", "max_train_s"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 0")
     if args.target_acc is not None and not 0 < args.target_acc <= 1:
@@ -149,23 +151,23 @@ class Reporter:
     def ratios(self, config):
         """A JSON line per metric both pipelines measured (images/s: > 1 is faster; s: < 1 is).
         For windowed metrics it is the median of the per-window ratios, each window of ours paired
-        with the reference's window right after it; the ratio of the medians comes along."""
+        with the baseline's window right after it; the ratio of the medians comes along."""
         for (pipeline, metric), (value, unit) in list(self.values.items()):
-            ref = self.values.get(("reference", metric), (None,))[0]
-            if pipeline != "ours" or value is None or not ref or metric.startswith("peak_"):
+            base = self.values.get(("baseline", metric), (None,))[0]
+            if pipeline != "ours" or value is None or not base or metric.startswith("peak_"):
                 continue
-            extra = {"ratio_of_medians": round(value / ref, 3)}
-            ow, rw = self.windows.get(("ours", metric)), self.windows.get(("reference", metric))
-            ratio = statistics.median(o / r for o, r in zip(ow, rw)) if ow and rw else value / ref
-            self.emit("ratio", metric, round(ratio, 3), "ours/reference", config, **extra)
+            extra = {"ratio_of_medians": round(value / base, 3)}
+            ow, bw = self.windows.get(("ours", metric)), self.windows.get(("baseline", metric))
+            ratio = statistics.median(o / b for o, b in zip(ow, bw)) if ow and bw else value / base
+            self.emit("ratio", metric, round(ratio, 3), "ours/baseline", config, **extra)
 
     def table(self, out=None):
         out = out or sys.stderr  # looked up now, not at import: tests and callers may swap it
         metrics = list(dict.fromkeys(m for p, m in self.values if p != "ratio"))
-        rows = [("metric", "ours", "reference", "ours/reference")]
+        rows = [("metric", "ours", "baseline", "ours/baseline")]
         for m in metrics:
-            ours, ref = self.values.get(("ours", m), (None, "")), self.values.get(("reference", m), (None, ""))
-            rows.append((f"{m} ({ours[1] or ref[1]})", _fmt(ours[0]), _fmt(ref[0]),
+            ours, base = self.values.get(("ours", m), (None, "")), self.values.get(("baseline", m), (None, ""))
+            rows.append((f"{m} ({ours[1] or base[1]})", _fmt(ours[0]), _fmt(base[0]),
                          _fmt(self.values.get(("ratio", m), (None,))[0], 2)))
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         for r in rows:
@@ -223,11 +225,10 @@ def interleaved_seconds(fns, clock, windows):
 
 # ------------------------------------------------------------------------------------ our pipeline
 
-def ours_stepper(parts, split, ctx):
+def ours_stepper(t, split, ctx):
     """step_fn(n): n more training steps through train.train_one_epoch, moving on to the next
     epoch's permutation when one runs out."""
-    _, model, optimizer, schedule, scaler, ema = parts
-    state, stop = train.TrainState(), train.StopSignal()  # a StopSignal never installed: never stops
+    state, stop = TrainState(), StopSignal()  # a StopSignal never installed: never stops
 
     def step_fn(n):
         while n > 0:
@@ -235,12 +236,12 @@ def ours_stepper(parts, split, ctx):
                 state.epoch, state.step = state.epoch + 1, 0
             k = min(n, ctx.steps_per_epoch - state.step)
             window = replace(ctx, steps_per_epoch=state.step + k)  # train_one_epoch stops at its steps_per_epoch
-            train.train_one_epoch(model, optimizer, schedule, scaler, split, window, state, stop, ema=ema)
+            train.train_one_epoch(t, split, window, state, stop)
             n -= k
     return step_fn
 
 
-class TimeCap(train.StopSignal):
+class TimeCap(StopSignal):
     """Asks train_one_epoch to stop once the training clock passes the cap (checked every step)."""
 
     def __init__(self, spent, cap):
@@ -251,16 +252,22 @@ class TimeCap(train.StopSignal):
         return bool(self.cap) and self.spent + time.perf_counter() - self.start >= self.cap
 
 
-def ours_time_to_acc(cfg, ctx, model_args, train_split, test_split, clock, target, cap):
-    """Train from scratch epoch by epoch until test accuracy >= target; eval is off the clock."""
-    raw_model, model, optimizer, schedule, scaler, ema = train.build_training(cfg, ctx, model_args)
-    state, spent, acc, curve = train.TrainState(), 0.0, 0.0, []
+def evaluated_model(t):
+    """What train.py evaluates and infer.py uses: the EMA weights when the run keeps them."""
+    return t.ema.module if t.ema is not None else t.raw
+
+
+def ours_time_to_acc(ctx, model_args, splits, clock, goal):
+    """Train from scratch epoch by epoch until test accuracy >= goal[0] (or goal[1] training
+    seconds pass); evaluation is off the clock."""
+    cfg, (target, cap) = ctx.cfg, goal
+    t = train.build_training(cfg, ctx, model_args)
+    state, spent, acc, curve = TrainState(), 0.0, 0.0, []
     while state.epoch < cfg.train.epochs:
         t0 = clock.now()
-        stopped = train.train_one_epoch(model, optimizer, schedule, scaler, train_split, ctx, state,
-                                        TimeCap(spent, cap), ema=ema)
+        stopped = train.train_one_epoch(t, splits[0], ctx, state, TimeCap(spent, cap))
         spent += clock.now() - t0
-        acc = train.evaluate(ema.module if ema else raw_model, test_split, ctx, cfg.model.image_size, cfg.train.eval_batch_size)["acc"]
+        acc = train.evaluate(evaluated_model(t), splits[1], ctx, cfg.model.image_size, cfg.train.eval_batch_size)["acc"]
         state.epoch, state.step = state.epoch + 1, 0
         curve.append([round(spent, 2), round(acc, 4)])
         if acc >= target or stopped:
@@ -277,13 +284,13 @@ def setup_ours(cfg, args, device, clock):
     spe = train.count_steps(len(train_split), tcfg.batch_size)
     ctx = train.RunCtx(cfg, device, 0, 1, info, train.amp_dtype_for(tcfg.amp, device), spe, logger)
     model_args = model_args_from_config(cfg.model, info.in_channels, len(info.classes))
-    parts = train.build_training(cfg, ctx, model_args)
+    t = train.build_training(cfg, ctx, model_args)
     sub = _head(test_split, args.eval_images)
     return Pipeline(
-        "ours", ours_summary(cfg, ctx, len(train_split)), ours_stepper(parts, train_split, ctx),
+        "ours", ours_summary(cfg, ctx, len(train_split)), ours_stepper(t, train_split, ctx),
         min(args.window_steps, spe), tcfg.batch_size, spe * tcfg.batch_size,
-        lambda: train.evaluate(parts[5].module if parts[5] else parts[0], sub, ctx, cfg.model.image_size, tcfg.eval_batch_size), len(sub),
-        lambda target, cap: ours_time_to_acc(cfg, ctx, model_args, train_split, test_split, clock, target, cap),
+        lambda: train.evaluate(evaluated_model(t), sub, ctx, cfg.model.image_size, tcfg.eval_batch_size), len(sub),
+        lambda target, cap: ours_time_to_acc(ctx, model_args, (train_split, test_split), clock, (target, cap)),
         {"data_load_s": (round(load_s, 3), "s", "files to device-resident tensors")})
 
 
@@ -300,22 +307,22 @@ def ours_summary(cfg, ctx, n_train):
             "augment": cfg.data.augment, "loader": "device-resident tensors", "train_images": n_train}
 
 
-# ------------------------------------------------------------------------------- reference pipeline
+# ------------------------------------------------------------------------------ DataLoader baseline
 
-# The seed's ViT, as issue 5 describes it. Its MLP width is not recorded there: 2x, as config.yaml.
-SEED_DIMS = {"patch_size": 4, "dim": 64, "depth": 6, "heads": 4, "mlp_ratio": 2.0, "dropout": 0.0}
+# A typical tutorial ViT for 28x28 digits: patch 4, dim 64, depth 6, 4 heads, MLP 2x.
+TUTORIAL_DIMS = {"patch_size": 4, "dim": 64, "depth": 6, "heads": 4, "mlp_ratio": 2.0, "dropout": 0.0}
 
 
-def reference_dims(cfg, which):
-    """The reference ViT's keys: the config's model, or the seed's dims at the config's image size."""
+def baseline_dims(cfg, which):
+    """The baseline ViT's keys: the config's model, or the tutorial dims at the config's image size."""
     m = cfg.model
     dims = {"image_size": m.image_size, "patch_size": m.patch_size, "dim": m.dim, "depth": m.depth,
             "heads": m.heads, "mlp_ratio": m.mlp_ratio, "dropout": m.dropout}
-    if which == "seed":
-        dims.update(SEED_DIMS)
-        if m.image_size % SEED_DIMS["patch_size"]:
-            raise UserError(f"--ref-model seed uses patch 4, which does not divide model.image_size={m.image_size}; "
-                            f"use a multiple of 4 or --ref-model config")
+    if which == "tutorial":
+        dims.update(TUTORIAL_DIMS)
+        if m.image_size % TUTORIAL_DIMS["patch_size"]:
+            raise UserError(f"--baseline-dims tutorial uses patch 4, which does not divide model.image_size="
+                            f"{m.image_size}; use a multiple of 4 or --baseline-dims config")
     return dims
 
 
@@ -335,18 +342,18 @@ class PILDataset(torch.utils.data.Dataset):
         return self.transform(pil), self.labels[i]
 
 
-class SeedViT(nn.Module):
-    """The seed's ViT: Conv2d patches, a CLS token, learned positions, nn.TransformerEncoder."""
+class TutorialViT(nn.Module):
+    """The usual tutorial ViT: Conv2d patches, a CLS token, learned positions, nn.TransformerEncoder."""
 
-    def __init__(self, image_size, patch_size, in_channels, num_classes, dim, depth, heads, mlp_ratio, dropout):
+    def __init__(self, dims, in_channels, num_classes):
         super().__init__()
-        n = (image_size // patch_size) ** 2
-        self.patch = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+        n, dim = (dims["image_size"] // dims["patch_size"]) ** 2, dims["dim"]
+        self.patch = nn.Conv2d(in_channels, dim, kernel_size=dims["patch_size"], stride=dims["patch_size"])
         self.cls = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos = nn.Parameter(torch.randn(1, n + 1, dim) * 0.02)
-        layer = nn.TransformerEncoderLayer(dim, heads, int(dim * mlp_ratio), dropout, activation="gelu",
-                                           batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)  # pre-norm cannot nest
+        layer = nn.TransformerEncoderLayer(dim, dims["heads"], int(dim * dims["mlp_ratio"]), dims["dropout"],
+                                           activation="gelu", batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, dims["depth"], enable_nested_tensor=False)  # pre-norm cannot nest
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
 
@@ -356,43 +363,55 @@ class SeedViT(nn.Module):
         return self.head(self.norm(self.encoder(x))[:, 0])
 
 
-def reference_data(cfg, args, info, tx, ty, vx, vy):
+def baseline_loaders(cfg, args, info, tensors):
+    """DataLoaders over PIL images with per-sample ToTensor/Normalize; tensors = (tx, ty, vx, vy)."""
     from torchvision import transforms
 
+    tx, ty, vx, vy = tensors
     steps = [transforms.ToTensor(), transforms.Normalize(info.mean, info.std)]
     if cfg.model.image_size != tx.shape[-1]:
         steps.insert(0, transforms.Resize(cfg.model.image_size))
     tf = transforms.Compose(steps)
     g = torch.Generator().manual_seed(cfg.train.seed)
-    train_loader = torch.utils.data.DataLoader(PILDataset(tx, ty, tf), batch_size=args.ref_batch, shuffle=True,
-                                               num_workers=args.ref_workers, generator=g)
+    train_loader = torch.utils.data.DataLoader(PILDataset(tx, ty, tf), batch_size=args.baseline_batch, shuffle=True,
+                                               num_workers=args.baseline_workers, generator=g)
     test_loader = torch.utils.data.DataLoader(PILDataset(vx, vy, tf), batch_size=cfg.train.eval_batch_size,
-                                              shuffle=False, num_workers=args.ref_workers)
+                                              shuffle=False, num_workers=args.baseline_workers)
     return train_loader, test_loader
 
 
-def build_reference(cfg, dims, info, device, epochs):
-    """The seed's model and optimizer: Adam 1e-3, cosine over `epochs` stepped once per epoch."""
-    torch.manual_seed(cfg.train.seed)
-    model = SeedViT(in_channels=info.in_channels, num_classes=len(info.classes), **dims).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
-    return model, optimizer, scheduler
+@dataclass
+class Baseline:
+    """The baseline's set-up: what its training and evaluation need."""
+    cfg: object
+    dims: dict
+    info: object
+    device: torch.device
+    epochs: int
+    loaders: tuple
+
+    def build(self):
+        """Model and optimizer: Adam 1e-3, cosine over `epochs` stepped once per epoch."""
+        torch.manual_seed(self.cfg.train.seed)
+        model = TutorialViT(self.dims, self.info.in_channels, len(self.info.classes)).to(self.device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        return model, optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.epochs)
 
 
-def reference_step(model, optimizer, x, y, device, tally):
-    x, y = x.to(device), y.to(device)
+def baseline_step(model, optimizer, batch, device, tally):
+    x, y = batch[0].to(device), batch[1].to(device)
     optimizer.zero_grad()
     out = model(x)
     loss = F.cross_entropy(out, y)
     loss.backward()
     optimizer.step()
-    tally[0] += loss.item() * y.numel()  # the seed's running loss and accuracy: a host sync per step
+    tally[0] += loss.item() * y.numel()  # a running loss and accuracy, as tutorials log them: a host sync per step
     tally[1] += (out.argmax(1) == y).sum().item()
 
 
-def reference_stepper(model, optimizer, scheduler, loader, device):
-    """step_fn(n): n more seed-style steps, a new shuffled epoch (and scheduler step) when one ends."""
+def baseline_stepper(parts, loader, device):
+    """step_fn(n): n more baseline steps, a new shuffled epoch (and scheduler step) when one ends."""
+    model, optimizer, scheduler = parts
     it, tally = [iter(loader)], [0.0, 0]
     model.train()
 
@@ -403,12 +422,12 @@ def reference_stepper(model, optimizer, scheduler, loader, device):
                 scheduler.step()
                 it[0] = iter(loader)
                 batch = next(it[0])
-            reference_step(model, optimizer, *batch, device, tally)
+            baseline_step(model, optimizer, batch, device, tally)
     return step_fn
 
 
 @torch.no_grad()
-def reference_eval(model, loader, device, limit=0):
+def baseline_eval(model, loader, device, limit=0):
     model.eval()
     correct = n = 0
     for x, y in loader:
@@ -421,56 +440,55 @@ def reference_eval(model, loader, device, limit=0):
     return correct / max(n, 1), n
 
 
-def reference_time_to_acc(cfg, args, dims, info, device, loaders, clock, target, cap):
-    """The seed's loop from scratch, epoch by epoch, until test accuracy >= target; eval off the clock."""
-    train_loader, test_loader = loaders
-    model, optimizer, scheduler = build_reference(cfg, dims, info, device, args.ref_epochs)
+def baseline_time_to_acc(base, clock, target, cap):
+    """The baseline's loop from scratch, epoch by epoch, until test accuracy >= target; eval off the clock."""
+    (train_loader, test_loader), (model, optimizer, scheduler) = base.loaders, base.build()
     spent, acc, curve, tally = 0.0, 0.0, [], [0.0, 0]
-    for _ in range(args.ref_epochs):
+    for _ in range(base.epochs):
         t0, capped = clock.now(), False
-        for x, y in train_loader:
-            reference_step(model, optimizer, x, y, device, tally)
+        for batch in train_loader:
+            baseline_step(model, optimizer, batch, base.device, tally)
             if cap and spent + time.perf_counter() - t0 >= cap:
                 capped = True
                 break
         scheduler.step()
         spent += clock.now() - t0
-        acc = reference_eval(model, test_loader, device)[0]
+        acc = baseline_eval(model, test_loader, base.device)[0]
         curve.append([round(spent, 2), round(acc, 4)])
         if acc >= target or capped:
             break
     return spent, acc, curve
 
 
-def setup_reference(cfg, args, device, clock):
-    """The seed-style pipeline on the same files, at the config's model dims."""
-    d, dims = cfg.data, reference_dims(cfg, args.ref_model)
+def setup_baseline(cfg, args, device, clock):
+    """The DataLoader baseline on the same files, at the chosen model dims."""
+    d, dims = cfg.data, baseline_dims(cfg, args.baseline_dims)
     tx, ty, vx, vy, info = load_raw(d.dataset, d.data_root, d.download, cfg.model.image_size, d.num_workers,
                                     logging.getLogger("bench"))
     tx, ty = (tx[:d.train_limit], ty[:d.train_limit]) if d.train_limit else (tx, ty)
     vx, vy = (vx[:d.test_limit], vy[:d.test_limit]) if d.test_limit else (vx, vy)
-    if len(tx) < args.ref_batch:
-        raise UserError(f"the training set has {len(tx)} images, fewer than one reference batch of {args.ref_batch}; "
-                        f"lower --ref-batch or raise data.train_limit")
-    loaders = reference_data(cfg, args, info, tx, ty, vx, vy)
-    model, optimizer, scheduler = build_reference(cfg, dims, info, device, args.ref_epochs)
+    if len(tx) < args.baseline_batch:
+        raise UserError(f"the training set has {len(tx)} images, fewer than one baseline batch of "
+                        f"{args.baseline_batch}; lower --baseline-batch or raise data.train_limit")
+    base = Baseline(cfg, dims, info, device, args.baseline_epochs, baseline_loaders(cfg, args, info, (tx, ty, vx, vy)))
+    model, optimizer, scheduler = base.build()
     n_eval = min(args.eval_images or len(vx), len(vx))
     n_eval = min(len(vx), -(-n_eval // cfg.train.eval_batch_size) * cfg.train.eval_batch_size)  # whole batches
     return Pipeline(
-        "reference", reference_summary(cfg, args, dims, len(tx)),
-        reference_stepper(model, optimizer, scheduler, loaders[0], device),
-        min(args.window_steps, len(loaders[0])), args.ref_batch, len(tx),
-        lambda: reference_eval(model, loaders[1], device, n_eval), n_eval,
-        lambda target, cap: reference_time_to_acc(cfg, args, dims, info, device, loaders, clock, target, cap))
+        "baseline", baseline_summary(args, dims, cfg.data.dataset, len(tx)),
+        baseline_stepper((model, optimizer, scheduler), base.loaders[0], device),
+        min(args.window_steps, len(base.loaders[0])), args.baseline_batch, len(tx),
+        lambda: baseline_eval(model, base.loaders[1], device, n_eval), n_eval,
+        lambda target, cap: baseline_time_to_acc(base, clock, target, cap))
 
 
-def reference_summary(cfg, args, dims, n_train):
-    return {"dataset": cfg.data.dataset, "model": f"nn.TransformerEncoder (batch_first, norm_first), "
-            f"{args.ref_model} dims", "image_size": dims["image_size"], "patch": dims["patch_size"],
+def baseline_summary(args, dims, dataset, n_train):
+    return {"dataset": dataset, "model": f"nn.TransformerEncoder (batch_first, norm_first), "
+            f"{args.baseline_dims} dims", "image_size": dims["image_size"], "patch": dims["patch_size"],
             "dim": dims["dim"], "depth": dims["depth"], "heads": dims["heads"], "mlp_ratio": dims["mlp_ratio"],
-            "batch": args.ref_batch, "optimizer": "adam", "lr": 1e-3,
-            "epochs": args.ref_epochs, "scheduler": "cosine per epoch", "amp": "off", "compile": False,
-            "augment": False, "loader": f"DataLoader(num_workers={args.ref_workers}) + ToTensor/Normalize",
+            "batch": args.baseline_batch, "optimizer": "adam", "lr": 1e-3,
+            "epochs": args.baseline_epochs, "scheduler": "cosine per epoch", "amp": "off", "compile": False,
+            "augment": False, "loader": f"DataLoader(num_workers={args.baseline_workers}) + ToTensor/Normalize",
             "train_images": n_train}
 
 
@@ -491,57 +509,56 @@ def emit_speed(rep, pipe, train_s, eval_s):
         rep.emit(pipe.name, metric, value, unit, pipe.summary, note=note)
 
 
-def emit_memory(rep, pipe, device, rss_mib, cuda_mib, scope):
+def emit_memory(rep, pipe, memory):
+    rss_mib, cuda_mib, scope = memory
     rep.emit(pipe.name, "peak_rss_mib", None if rss_mib is None else round(rss_mib, 1), "MiB", pipe.summary,
              scope=scope, note="set-up, data and warm-up steps (the steady state of the loop)")
     if cuda_mib is not None:
         rep.emit(pipe.name, "peak_cuda_allocated_mib", round(cuda_mib, 1), "MiB", pipe.summary)
 
 
-def emit_tta(rep, pipe, target, cap, spent, acc, curve):
+def emit_tta(rep, pipe, goal, result):
+    (target, cap), (spent, acc, curve) = goal, result
     reached = acc >= target
     rep.emit(pipe.name, f"time_to_{target:g}_s", round(spent, 2) if reached else None, "s", pipe.summary,
              reached=reached, final_acc=round(acc, 4), train_s=round(spent, 2), max_train_s=cap or None,
              curve_s_acc=curve, note="training seconds from a fresh model; evaluation after each epoch is off the clock")
 
 
-def prepare(setup, cfg, args, device, clock, scope):
+def prepare(setup, cfg, args, device, clock):
     """Set up and warm up one pipeline; returns it with its peak memory over that phase."""
+    scope = reset_peak_memory(device)
+    if setup is setup_baseline and scope == "pipeline":
+        scope = "process: holds our pipeline too"
     pipe = setup(cfg, args, device, clock)
     warm_up(pipe, args.warmup_steps)
     cuda = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     return pipe, (peak_rss_mib(), cuda, scope)
 
 
+@user_errors
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        check_args(args)
-        cfg = load_config(args.config, args.overrides)
-        device = train.resolve_device(cfg.train.device)
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        if args.reference:
-            reference_dims(cfg, args.ref_model)  # a bad combination stops before anything runs
-        rep, clock = Reporter(device), Clock(device)
-        scope = reset_peak_memory(device)
-        pipes = [prepare(setup_ours, cfg, args, device, clock, scope)]
-        if args.reference:
-            scope = reset_peak_memory(device)
-            scope = "process: holds our pipeline too" if scope == "pipeline" else scope
-            pipes.append(prepare(setup_reference, cfg, args, device, clock, scope))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.code
+    check_args(args)
+    cfg = load_config(args.config, args.overrides)
+    device = resolve_device(cfg.train.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.baseline:
+        baseline_dims(cfg, args.baseline_dims)  # a bad combination stops before anything runs
+    rep, clock = Reporter(device), Clock(device)
+    pipes = [prepare(s, cfg, args, device, clock) for s in ([setup_ours, setup_baseline] if args.baseline
+                                                            else [setup_ours])]
     train_s = interleaved_seconds([lambda p=p: p.train_steps(p.window_steps) for p, _ in pipes], clock, args.windows)
     eval_s = interleaved_seconds([p.evaluate for p, _ in pipes], clock, args.windows)
     for i, (pipe, memory) in enumerate(pipes):
         emit_speed(rep, pipe, train_s[i], eval_s[i])
-        emit_memory(rep, pipe, device, *memory)
+        emit_memory(rep, pipe, memory)
     if args.target_acc is not None:
+        goal = (args.target_acc, args.max_train_s)
         for pipe, _ in pipes:
-            emit_tta(rep, pipe, args.target_acc, args.max_train_s, *pipe.time_to_acc(args.target_acc, args.max_train_s))
-    rep.ratios({"ref_model": args.ref_model})
+            emit_tta(rep, pipe, goal, pipe.time_to_acc(*goal))
+    rep.ratios({"baseline_dims": args.baseline_dims})
     rep.table()
     return 0
 

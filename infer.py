@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from data import IMAGE_EXTS, normalize, rgb_uint8
-from model import load_trained
-from utils import UserError, exit_with, load_config, newest_final
+from checkpoint import load_trained, newest_final
+from utils import UserError, exit_with, load_config, resolve_device, user_errors
 
 MAX_SIDE = 1024  # larger photos are shrunk first: a 28x28 result needs no more, and it bounds the work
 PEN = 2.0  # the stroke width a fine pen is widened to, in output pixels (28x28, digit in a 20 px box)
@@ -334,8 +334,6 @@ def predict_files(files, model, info, image_size, device, output, show):
 
 def run(args):
     show = choose_backend(not args.no_show and not args.json and display_available())
-    from train import resolve_device
-
     files = list_images(args.images)
     path = find_checkpoint(args.checkpoint)
     device = resolve_device(args.device)
@@ -360,13 +358,9 @@ def run(args):
     return 0
 
 
+@user_errors
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.code
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,15 +1,15 @@
-"""The network: a patch-embedding Vision Transformer, and torchvision's ViT built from the same keys.
+"""The networks: a patch-embedding Vision Transformer (optionally behind a small conv stem),
+torchvision's ViT built from the same keys, a CIFAR-style ResNet, and an EMA of the weights.
 
 `build_model(model_args)` is the one entry point. `model_args` is a plain dict that every
 checkpoint carries, so infer.py and `train.py --eval` rebuild the model from a checkpoint alone.
+This file imports nothing else of the project.
 """
 import copy
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from utils import UserError, load_checkpoint
 
 MODEL_NAMES = ("vit", "torchvision_vit", "resnet")
 
@@ -315,28 +315,3 @@ def preferred_weights(ckpt):
     if ckpt.get("ema_model") is not None:
         return strip_prefixes(ckpt["ema_model"]), "EMA"
     return strip_prefixes(ckpt["model"]), "raw"
-
-
-def load_trained(path):
-    """(model on the CPU with its preferred weights, the checkpoint, "EMA" or "raw") from a file
-    that train.py wrote; weights saved on a GPU load anywhere. A file that cannot rebuild its
-    model is a one-line UserError."""
-    ckpt = load_checkpoint(path, map_location="cpu")
-    if "model_args" not in ckpt or "data_info" not in ckpt:
-        raise UserError(f"checkpoint '{path}' has no model_args/data_info, so the model cannot be rebuilt from it; "
-                        f"use a *_final.pth or best.pth written by train.py", code=1)
-    model = build_model(ckpt["model_args"])
-    weights, kind = preferred_weights(ckpt)
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        raise UserError(f"checkpoint '{path}': the weights do not fit its model_args "
-                        f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}); "
-                        f"the file was edited or mixed from two runs", code=1)
-    return model, ckpt, kind
-
-
-def final_weights_name(dataset, model_name):
-    """`mnist_transformer_final.pth` for the default ViT (the seed's name)."""
-    tag = "transformer" if model_name == "vit" else model_name  # e.g. cifar10_resnet_final.pth
-    return f"{dataset}_{tag}_final.pth"

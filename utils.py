@@ -1,9 +1,9 @@
-"""Config loading and validation, logging, atomic files and checkpoints.
+"""Config loading and validation, logging, atomic files, device choice and the CLI error handler.
 
 Everything a user can get wrong here raises UserError with one line that names the cause and
 the fix; the entry points print it and exit non-zero without a traceback.
 """
-import io
+import functools
 import json
 import logging
 import os
@@ -290,113 +290,28 @@ def write_metrics(path, history):
     atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in history).encode())
 
 
-# ------------------------------------------------------------------------------------ checkpoints
+# ----------------------------------------------------------------------------------------- device
 
-def serialize(payload):
-    buf = io.BytesIO()
-    torch.save(payload, buf)
-    return buf.getvalue()
-
-
-def save_checkpoint(path, payload):
-    atomic_write_bytes(path, serialize(payload))
-
-
-def load_checkpoint(path, map_location="cpu"):
-    """weights_only=True: a checkpoint holds tensors and plain values, and cannot run code."""
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint '{path}' not found; pass an existing .pt/.pth file with --checkpoint")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise UserError(f"checkpoint '{path}' cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-                        f"it is truncated or not a checkpoint of this toolkit", code=1)
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise UserError(f"checkpoint '{path}' has no 'model' entry; it was not written by this toolkit", code=1)
-    return ckpt
-
-
-def epoch_ckpt_name(epoch, step=0):
-    """epoch_003.pt after epoch 3; epoch_003_step000120.pt: 120 steps into epoch 4, after epoch 3."""
-    return f"epoch_{epoch:03d}.pt" if step == 0 else f"epoch_{epoch:03d}_step{step:06d}.pt"
-
-
-def list_checkpoints(ckpt_dir):
-    """Resumable checkpoints, newest first (by modification time, so a fresh run in a folder
-    that holds an older run's files still resumes from its own newest)."""
-    if not os.path.isdir(ckpt_dir):
-        return []
-    names = [n for n in os.listdir(ckpt_dir) if n.startswith("epoch_") and n.endswith(".pt")]
-    paths = [os.path.join(ckpt_dir, n) for n in names]
-    return sorted(paths, key=lambda p: (os.stat(p).st_mtime_ns, p), reverse=True)
-
-
-def find_resume_checkpoint(ckpt_dir, resume_epoch, logger):
-    """(path, checkpoint) to resume from, skipping unreadable ones with a warning; None if none."""
-    candidates = list_checkpoints(ckpt_dir)
-    if resume_epoch >= 0:
-        candidates = [p for p in candidates if os.path.basename(p) == epoch_ckpt_name(resume_epoch)]
-        if not candidates:
-            raise UserError(f"checkpoint.resume_epoch={resume_epoch}: no {epoch_ckpt_name(resume_epoch)} in "
-                            f"{ckpt_dir}; use checkpoint.resume_epoch=-1 for the newest")
-    for path in candidates:
-        try:
-            ckpt = load_checkpoint(path)
-            if "optimizer" not in ckpt or "epoch" not in ckpt:
-                raise UserError(f"checkpoint '{path}' holds weights only, not a training state")
-            return path, ckpt
-        except UserError as e:
-            logger.warning(f"skipping checkpoint: {e}")
-    return None
-
-
-def prune_checkpoints(ckpt_dir, keep_last):
-    """Keep the newest `keep_last` end-of-epoch checkpoints; mid-epoch ones are superseded by
-    the next end-of-epoch checkpoint and go too."""
-    epoch_ckpts = [p for p in list_checkpoints(ckpt_dir) if "_step" not in os.path.basename(p)]
-    stale = epoch_ckpts[keep_last:] + [p for p in list_checkpoints(ckpt_dir) if "_step" in os.path.basename(p)]
-    for path in stale:
-        try:
-            os.remove(path)
-        except FileNotFoundError:
-            pass
-
-
-def newest_final(ckpt_dir):
-    """The newest `*_final.pth` in ckpt_dir, or None."""
-    if not os.path.isdir(ckpt_dir):
-        return None
-    finals = [os.path.join(ckpt_dir, n) for n in os.listdir(ckpt_dir) if n.endswith("_final.pth")]
-    return max(finals, key=lambda p: os.stat(p).st_mtime_ns) if finals else None
-
-
-# --------------------------------------------------------------------------------------- RNG state
-
-def get_rng_state(device):
-    np_state = np.random.get_state()
-    state = {
-        "python": list(random.getstate()[1]) + [random.getstate()[0], random.getstate()[2]],
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
-                  float(np_state[4])],
-        "torch": torch.get_rng_state(),
-    }
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    elif device.type == "mps":
-        state["mps"] = torch.mps.get_rng_state()
-    return state
-
-
-def set_rng_state(state, device):
-    py = state["python"]
-    random.setstate((py[-2], tuple(py[:-2]), py[-1]))
-    n = state["numpy"]
-    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-    elif device.type == "mps" and "mps" in state:
-        torch.mps.set_rng_state(state["mps"])
+def resolve_device(choice, no_mps=False, local_rank=0):
+    """train.device (auto|cuda|mps|cpu) -> a torch.device; a choice this machine lacks is a UserError."""
+    mps_ok = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if choice == "auto":
+        if torch.cuda.is_available():
+            choice = "cuda"
+        elif mps_ok and not no_mps:
+            choice = "mps"
+        else:
+            choice = "cpu"
+    if choice == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("train.device=cuda but no CUDA GPU is visible to PyTorch; use train.device=auto or "
+                            "train.device=cpu (or install a CUDA build of torch)")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    if choice == "mps":
+        if not mps_ok:
+            raise UserError("train.device=mps but Apple MPS is not available here; use train.device=auto or cpu")
+        return torch.device("mps")
+    return torch.device("cpu")
 
 
 def seed_everything(seed):
@@ -407,6 +322,24 @@ def seed_everything(seed):
 
 def timestamp():
     return time.strftime("%Y%m%d-%H%M%S")
+
+
+def print_error(error, rank=None):
+    """The one-line form of a UserError, on stderr."""
+    where = "error" if rank is None else f"error (rank {rank})"
+    print(f"{where}: {error}", file=sys.stderr, flush=True)
+
+
+def user_errors(main):
+    """An entry point's main(argv): a UserError becomes one line on stderr and its exit code."""
+    @functools.wraps(main)
+    def guarded(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as e:
+            print_error(e)
+            return e.code
+    return guarded
 
 
 def exit_with(main):

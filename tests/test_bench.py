@@ -1,4 +1,4 @@
-"""bench.py on a tiny synthetic IDX set: the JSON lines, the arithmetic behind them, --reference,
+"""bench.py on a tiny synthetic IDX set: the JSON lines, the arithmetic behind them, --baseline,
 --target-acc with --max-train-s, and the one-line errors."""
 import json
 import statistics
@@ -35,11 +35,11 @@ def tiny_root(tmp_path):
     return str(tmp_path / "data")
 
 
-def test_bench_with_reference_reports_consistent_numbers(capsys, tiny_root):
-    code, rec, err = run_bench(capsys, tiny_root, "--reference", "--windows", "3", "--window-steps", "2",
+def test_bench_with_baseline_reports_consistent_numbers(capsys, tiny_root):
+    code, rec, err = run_bench(capsys, tiny_root, "--baseline", "--windows", "3", "--window-steps", "2",
                                "--warmup-steps", "1", "--eval-images", "0")
     assert code == 0
-    for pipeline in ("ours", "reference"):
+    for pipeline in ("ours", "baseline"):
         for metric in ("train_images_per_s", "epoch_time_s", "eval_images_per_s", "peak_rss_mib"):
             r = rec[(pipeline, metric)]
             assert r["value"] > 0 and r["host_cpus"] >= 1 and r["torch"] and r["device"].startswith("cpu")
@@ -48,50 +48,50 @@ def test_bench_with_reference_reports_consistent_numbers(capsys, tiny_root):
         assert tr["value"] == pytest.approx(statistics.median(tr["windows"]), abs=0.06)
         assert 50 < rec[(pipeline, "peak_rss_mib")]["value"] < 8192
         assert rec[(pipeline, "eval_images_per_s")]["eval_images"] == 100  # --eval-images 0: the whole test split
-    # ours trains 256 // 32 * 32 = 256 images an epoch; the reference keeps its last partial batch
+    # ours trains 256 // 32 * 32 = 256 images an epoch; the baseline keeps its last partial batch
     assert rec[("ours", "epoch_time_s")]["value"] == pytest.approx(256 / rec[("ours", "train_images_per_s")]["value"],
                                                                    rel=0.01, abs=0.0006)
-    assert rec[("reference", "train_images_per_s")]["config"]["batch"] == 64  # the seed's batch, not the config's
+    assert rec[("baseline", "train_images_per_s")]["config"]["batch"] == 64  # the baseline's own batch, not the config's
     assert rec[("ours", "data_load_s")]["value"] >= 0
     ratio = rec[("ratio", "train_images_per_s")]
-    ours_w, ref_w = rec[("ours", "train_images_per_s")]["windows"], rec[("reference", "train_images_per_s")]["windows"]
-    assert ratio["value"] == pytest.approx(statistics.median(o / r for o, r in zip(ours_w, ref_w)), abs=0.001)
+    ours_w, base_w = rec[("ours", "train_images_per_s")]["windows"], rec[("baseline", "train_images_per_s")]["windows"]
+    assert ratio["value"] == pytest.approx(statistics.median(o / r for o, r in zip(ours_w, base_w)), abs=0.001)
     assert ratio["ratio_of_medians"] == pytest.approx(
-        rec[("ours", "train_images_per_s")]["value"] / rec[("reference", "train_images_per_s")]["value"], abs=0.002)
+        rec[("ours", "train_images_per_s")]["value"] / rec[("baseline", "train_images_per_s")]["value"], abs=0.002)
     assert ("ratio", "peak_rss_mib") not in rec  # the two peaks have different scopes
-    assert "ours/reference" in err and "train_images_per_s" in err
+    assert "ours/baseline" in err and "train_images_per_s" in err
 
 
 def test_target_acc_reached_and_capped(capsys, tmp_path):
     write_idx_set(str(tmp_path / "data" / "MNIST" / "raw"), n_train=2560, n_test=100)
     root = str(tmp_path / "data")
-    code, rec, _ = run_bench(capsys, root, "--reference", "--windows", "1", "--window-steps", "1", "--warmup-steps",
+    code, rec, _ = run_bench(capsys, root, "--baseline", "--windows", "1", "--window-steps", "1", "--warmup-steps",
                              "0", "--eval-images", "64", "--target-acc", "0.9", "train.epochs=4")
     assert code == 0
-    for pipeline in ("ours", "reference"):
+    for pipeline in ("ours", "baseline"):
         r = rec[(pipeline, "time_to_0.9_s")]
         assert r["reached"] and r["final_acc"] >= 0.9 and r["value"] > 0
         assert r["curve_s_acc"][-1] == [r["value"], r["final_acc"]]
         assert all(a < 0.9 for _, a in r["curve_s_acc"][:-1])  # it stops at the first epoch that gets there
     # a cap far below one epoch stops mid-epoch: the clock ends within a few steps of it, unreached
-    code, rec, _ = run_bench(capsys, root, "--reference", "--windows", "1", "--window-steps", "1", "--warmup-steps",
+    code, rec, _ = run_bench(capsys, root, "--baseline", "--windows", "1", "--window-steps", "1", "--warmup-steps",
                              "0", "--eval-images", "64", "--target-acc", "1.0", "--max-train-s", "0.05",
                              "train.epochs=50")
     assert code == 0
-    for pipeline in ("ours", "reference"):
+    for pipeline in ("ours", "baseline"):
         r = rec[(pipeline, "time_to_1_s")]
         assert r["value"] is None and not r["reached"] and len(r["curve_s_acc"]) == 1
         assert 0.05 <= r["train_s"] < 3.0 and r["max_train_s"] == 0.05
 
 
-def test_reference_at_the_seed_dims(capsys, tiny_root):
-    code, rec, _ = run_bench(capsys, tiny_root, "--reference", "--ref-model", "seed", "--windows", "1",
+def test_baseline_at_the_tutorial_dims(capsys, tiny_root):
+    code, rec, _ = run_bench(capsys, tiny_root, "--baseline", "--baseline-dims", "tutorial", "--windows", "1",
                              "--window-steps", "1", "--warmup-steps", "0", "--eval-images", "64")
     assert code == 0
-    ref, ours = rec[("reference", "train_images_per_s")]["config"], rec[("ours", "train_images_per_s")]["config"]
-    assert (ref["patch"], ref["dim"], ref["depth"], ref["heads"]) == (4, 64, 6, 4)
+    base, ours = rec[("baseline", "train_images_per_s")]["config"], rec[("ours", "train_images_per_s")]["config"]
+    assert (base["patch"], base["dim"], base["depth"], base["heads"]) == (4, 64, 6, 4)
     assert (ours["patch"], ours["dim"], ours["depth"], ours["heads"]) == (7, 32, 2, 2)
-    assert rec[("ratio", "train_images_per_s")]["config"] == {"ref_model": "seed"}
+    assert rec[("ratio", "train_images_per_s")]["config"] == {"baseline_dims": "tutorial"}
 
 
 @pytest.mark.parametrize("flags, needle", [
@@ -99,7 +99,7 @@ def test_reference_at_the_seed_dims(capsys, tiny_root):
     (["--windows", "0"], "--windows 0 must be >= 1"),
     (["model.dimm=3"], "unknown config key 'model.dimm'"),
     (["data.train_limit=8"], "fewer than one batch of 32"),
-    (["--reference", "--ref-model", "seed", "model.image_size=30", "model.patch_size=5"], "does not divide"),
+    (["--baseline", "--baseline-dims", "tutorial", "model.image_size=30", "model.patch_size=5"], "does not divide"),
 ])
 def test_bad_input_is_one_line_error(capsys, tiny_root, flags, needle):
     code = bench.main([*flags, f"data.data_root={tiny_root}", *TINY])

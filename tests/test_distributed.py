@@ -137,6 +137,7 @@ def data_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, data_root):
     """One process, batch 32, 2 epochs: what every 2-rank launcher must reproduce."""
+    import launch
     import train
     run_dir = str(tmp_path_factory.mktemp("ref"))
     assert train.main(args_for(run_dir, data_root)) == 0
@@ -156,19 +157,20 @@ def spawned(tmp_path_factory, data_root):
 # ---------------------------------------------------------------------------------- fast unit pieces
 
 def test_dist_env_pytorchjob_has_no_local_rank(monkeypatch):
+    import launch
     import train
     for k in DIST_VARS:
         monkeypatch.delenv(k, raising=False)
-    assert train.dist_env(train.parse_args([])) == (0, 1, 0)
+    assert launch.dist_env(None) == (0, 1, 0)
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", "29500")
-    assert train.dist_env(train.parse_args([])) == (3, 4, 0)  # PyTorchJob pod: LOCAL_RANK unset -> 0
-    assert train.dist_env(train.parse_args(["--local-rank", "1"])) == (3, 4, 1)
-    assert train.dist_env(train.parse_args(["--local_rank=2"])) == (3, 4, 2)
+    assert launch.dist_env(None) == (3, 4, 0)  # PyTorchJob pod: LOCAL_RANK unset -> 0
+    assert launch.dist_env(train.parse_args(["--local-rank", "1"]).local_rank) == (3, 4, 1)
+    assert launch.dist_env(train.parse_args(["--local_rank=2"]).local_rank) == (3, 4, 2)
     monkeypatch.setenv("LOCAL_RANK", "0")
-    assert train.dist_env(train.parse_args(["--local_rank", "1"])) == (3, 4, 0)  # the environment wins
+    assert launch.dist_env(train.parse_args(["--local_rank", "1"]).local_rank) == (3, 4, 0)  # the environment wins
 
 
 @pytest.mark.parametrize("env,named", [
@@ -177,6 +179,7 @@ def test_dist_env_pytorchjob_has_no_local_rank(monkeypatch):
     ({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}, "RANK=2 and WORLD_SIZE=2"),
     ({"LOCAL_RANK": "x"}, "LOCAL_RANK='x'")])
 def test_bad_launcher_variables_are_one_line_errors(monkeypatch, capsys, env, named):
+    import launch
     import train
     for k in DIST_VARS:
         monkeypatch.delenv(k, raising=False)
@@ -190,55 +193,58 @@ def test_bad_launcher_variables_are_one_line_errors(monkeypatch, capsys, env, na
 def test_leave_group_waits_for_every_rank_and_rank0_goes_last(monkeypatch):
     """No rank closes its gloo sockets while another may still be in the last collective."""
     import threading
+    import launch
     import train
     store = torch.distributed.HashStore()
-    monkeypatch.setitem(train._GROUP, "store", store)
+    monkeypatch.setitem(launch._GROUP, "store", store)
     left = []
 
     def leave(r):
-        train.leave_group(r, 3, 10)
+        launch.leave_group(r, 3, 10)
         left.append((r, torch.distributed.PrefixStore("leave", store).add("left", 0)))
     ranks = [threading.Thread(target=leave, args=(r,)) for r in (0, 1)]
     for t in ranks:
         t.start()
     time.sleep(0.3)
     assert left == []  # rank 2 has not finished: nobody leaves
-    train.leave_group(2, 3, 10)
+    launch.leave_group(2, 3, 10)
     for t in ranks:
         t.join(10)
     assert sorted(left)[0] == (0, 2) and sorted(left)[1][0] == 1  # rank 0 left after ranks 1 and 2
-    monkeypatch.setitem(train._GROUP, "store", torch.distributed.HashStore())
+    monkeypatch.setitem(launch._GROUP, "store", torch.distributed.HashStore())
     with pytest.raises(TimeoutError) as e:  # a rank that never comes: the lost-peer error, after the timeout
-        train.leave_group(0, 2, 0.2)
-    assert train.lost_peer(e.value, 2)
+        launch.leave_group(0, 2, 0.2)
+    assert launch.lost_peer(e.value, 2)
 
 
 def test_backend_choice_libuv_and_mps(monkeypatch):
+    import launch
     import train
     from utils import UserError, load_config
-    assert train.pick_backend("auto", torch.device("cpu")) == "gloo"
+    assert launch.pick_backend("auto", torch.device("cpu")) == "gloo"
     monkeypatch.setattr(sys, "platform", "linux")
-    assert train.pick_backend("auto", torch.device("cuda", 0)) == "nccl"
-    assert train.pick_backend("gloo", torch.device("cuda", 0)) == "gloo"
+    assert launch.pick_backend("auto", torch.device("cuda", 0)) == "nccl"
+    assert launch.pick_backend("gloo", torch.device("cuda", 0)) == "gloo"
     monkeypatch.setattr(sys, "platform", "win32")
-    assert train.pick_backend("auto", torch.device("cuda", 0)) == "gloo"
+    assert launch.pick_backend("auto", torch.device("cuda", 0)) == "gloo"
     seen = {}
     monkeypatch.delenv("USE_LIBUV", raising=False)
     monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
-    monkeypatch.setattr(train, "group_store", lambda *a: seen.update(libuv=os.environ.get("USE_LIBUV")) or "store")
-    monkeypatch.setattr(train.dist, "init_process_group", lambda backend, **kw: seen.update(backend=backend, **kw))
+    monkeypatch.setattr(launch, "group_store", lambda *a: seen.update(libuv=os.environ.get("USE_LIBUV")) or "store")
+    monkeypatch.setattr(launch.dist, "init_process_group", lambda backend, **kw: seen.update(backend=backend, **kw))
     cfg = load_config(None, ["train.device=cpu"])
-    train.init_distributed(cfg, torch.device("cpu"), 1, 2)
+    launch.init_distributed(cfg, torch.device("cpu"), 1, 2)
     assert seen["backend"] == "gloo" and seen["libuv"] == "0" and seen["world_size"] == 2  # set before rendezvous
-    assert seen["store"] == "store" and train._GROUP["store"] == "store"  # kept for leave_group()
-    train._GROUP.clear()
+    assert seen["store"] == "store" and launch._GROUP["store"] == "store"  # kept for leave_group()
+    launch._GROUP.clear()
     with pytest.raises(UserError, match="MPS cannot run more than one process"):
-        train.init_distributed(cfg, torch.device("mps"), 0, 2)
+        launch.init_distributed(cfg, torch.device("mps"), 0, 2)
     with pytest.raises(UserError, match="nccl needs CUDA"):
-        train.init_distributed(load_config(None, ["distributed.backend=nccl"]), torch.device("cpu"), 0, 2)
+        launch.init_distributed(load_config(None, ["distributed.backend=nccl"]), torch.device("cpu"), 0, 2)
 
 
 def test_num_gpus_without_gpus_is_a_clear_error(monkeypatch, capsys):
+    import launch
     import train
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for k in DIST_VARS:
@@ -255,11 +261,12 @@ def test_num_gpus_without_gpus_is_a_clear_error(monkeypatch, capsys):
 
 
 def test_lost_peer_is_recognised():
+    import launch
     import train
     gloo = RuntimeError("[pair.cc:561] Connection closed by peer [127.0.0.1]:1234. This is typically ...")
-    assert train.lost_peer(gloo, 2) and not train.lost_peer(gloo, 1)
-    assert train.lost_peer(RuntimeError("Timed out waiting 5000ms for recv operation to complete"), 2)
-    assert not train.lost_peer(RuntimeError("mat1 and mat2 shapes cannot be multiplied"), 2)  # a bug keeps its traceback
+    assert launch.lost_peer(gloo, 2) and not launch.lost_peer(gloo, 1)
+    assert launch.lost_peer(RuntimeError("Timed out waiting 5000ms for recv operation to complete"), 2)
+    assert not launch.lost_peer(RuntimeError("mat1 and mat2 shapes cannot be multiplied"), 2)  # a bug keeps its traceback
 
 
 # ------------------------------------------------------------------------------- launchers, parity
@@ -281,6 +288,7 @@ def test_num_gpus_2_on_cpu_matches_one_process(spawned, reference):
 @pytest.mark.slow
 def test_eval_counts_each_image_once_under_torchrun(spawned, data_root, tmp_path, capsys):
     """1001 test images on 2 ranks: no padded duplicate, no dropped tail, the 1-process numbers."""
+    import launch
     import train
     ckpt = os.path.join(spawned[0], "ckpt", "mnist_transformer_final.pth")
     argv = ["--eval", "--checkpoint", ckpt] + small_run_args(tmp_path, data_root)
@@ -328,6 +336,7 @@ def test_pytorchjob_style_launch_by_hand(reference, data_root, tmp_path):
 def test_checkpoint_from_2_ranks_resumes_on_1(spawned, reference, data_root, tmp_path):
     """epoch_001.pt of the 2-rank run, continued by 1 process with the same global batch, ends where
     the 1-process run ends; with a different global batch the lr schedule still ends at its end."""
+    import launch
     import train
     for name, batch in (("same", 32), ("half", 16)):
         run_dir = tmp_path / name
@@ -353,6 +362,7 @@ def test_preempting_one_pod_saves_one_checkpoint_then_resumes(reference, data_ro
     """SIGTERM to rank 1 alone, mid epoch 2, in a PyTorchJob-style group: both ranks agree on one
     step checkpoint and exit 143 (a PyTorchJob restarts such pods; 0 would end the job). The run
     continued by one process with batch 32 (checkpoint.resume: auto in k8s) ends where the reference ends."""
+    import launch
     import train
     run_dir = str(tmp_path / "run")
     k8s = ("environment=k8s",) + tuple(args_for(run_dir, data_root))
@@ -412,6 +422,7 @@ def test_a_failing_rank_ends_the_group(fault, data_root, tmp_path):
 def fault_driver(argv):
     """On rank RANK, at the CALL-th training batch of the first attempt: raise, SIGTERM or SIGKILL."""
     action, target, at, rest = argv[0], int(argv[1]), int(argv[2]), argv[3:]
+    import launch
     import train
     real, calls = train.augment, [0]
 

@@ -20,7 +20,7 @@ import train
 from conftest import ROOT, small_run_args, write_cifar_set, write_idx_set
 from model import build_model
 from photos import STYLES, encode, fine_pen, mnist_test_digits, paper_photo, to_mode
-from utils import load_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, save_checkpoint
 
 MNIST_INFO = {"dataset": "mnist", "classes": data.DIGITS, "mean": [0.1307], "std": [0.3081], "in_channels": 1,
               "digit_style": True, "native_size": 28}

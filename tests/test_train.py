@@ -12,8 +12,8 @@ from omegaconf import OmegaConf
 import train
 from conftest import ROOT, small_run_args, write_idx_set
 from model import build_model
-from utils import (UserError, atomic_write_bytes, find_resume_checkpoint, load_checkpoint, load_config,
-                   setup_logging)
+from checkpoint import find_resume_checkpoint, load_checkpoint
+from utils import UserError, atomic_write_bytes, load_config, setup_logging
 
 TIMING_KEYS = {"epoch_time_s", "images_per_s", "eval_time_s"}
 

@@ -1,0 +1,341 @@
+"""Everything a checkpoint is: what goes in it, when it is written, how a run finds, checks and
+resumes one, and how infer.py and `--eval` rebuild a trained model from one file.
+
+Two kinds of file, both written atomically (temporary name, fsync, rename):
+- training checkpoints `epoch_NNN.pt` (and `epoch_NNN_stepSSSSSS.pt` when stopped mid-epoch):
+  weights, optimizer, schedule, scaler, EMA, the position in the epoch, the history and the RNG
+  state of every rank, so a resumed run continues exactly;
+- weights files `best.pth` and `<dataset>_transformer_final.pth`: weights with `model_args`,
+  `data_info` and `config`, enough to rebuild the model and nothing to resume.
+Loads use `torch.load(weights_only=True)`: a checkpoint cannot run code.
+"""
+import io
+import os
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from model import build_model, preferred_weights, strip_prefixes
+from utils import UserError, atomic_write_bytes, seed_everything, to_plain
+
+FORMAT = 1
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint must hold to continue exactly."""
+    epoch: int = 0                # completed epochs
+    step: int = 0                 # batches done in the epoch in progress
+    sums: list = field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss*n, correct, n of that epoch so far
+    partial_time: float = 0.0     # training seconds already spent in the epoch in progress
+    history: list = field(default_factory=list)
+    best_val_acc: float = -1.0
+    bad_epochs: int = 0
+
+
+# ------------------------------------------------------------------------------------- files
+
+def serialize(payload):
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    return buf.getvalue()
+
+
+def save_checkpoint(path, payload):
+    atomic_write_bytes(path, serialize(payload))
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """weights_only=True: a checkpoint holds tensors and plain values, and cannot run code."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint '{path}' not found; pass an existing .pt/.pth file with --checkpoint")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise UserError(f"checkpoint '{path}' cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                        f"it is truncated or not a checkpoint of this toolkit", code=1)
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise UserError(f"checkpoint '{path}' has no 'model' entry; it was not written by this toolkit", code=1)
+    return ckpt
+
+
+def epoch_ckpt_name(epoch, step=0):
+    """epoch_003.pt after epoch 3; epoch_003_step000120.pt: 120 steps into epoch 4, after epoch 3."""
+    return f"epoch_{epoch:03d}.pt" if step == 0 else f"epoch_{epoch:03d}_step{step:06d}.pt"
+
+
+def final_weights_name(dataset, model_name):
+    """`mnist_transformer_final.pth` for the default ViT; `cifar10_resnet_final.pth` and the like."""
+    tag = "transformer" if model_name == "vit" else model_name
+    return f"{dataset}_{tag}_final.pth"
+
+
+def list_checkpoints(ckpt_dir):
+    """Resumable checkpoints, newest first (by modification time, so a fresh run in a folder
+    that holds an older run's files still resumes from its own newest)."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    names = [n for n in os.listdir(ckpt_dir) if n.startswith("epoch_") and n.endswith(".pt")]
+    paths = [os.path.join(ckpt_dir, n) for n in names]
+    return sorted(paths, key=lambda p: (os.stat(p).st_mtime_ns, p), reverse=True)
+
+
+def find_resume_checkpoint(ckpt_dir, resume_epoch, logger):
+    """(path, checkpoint) to resume from, skipping unreadable ones with a warning; None if none."""
+    candidates = list_checkpoints(ckpt_dir)
+    if resume_epoch >= 0:
+        candidates = [p for p in candidates if os.path.basename(p) == epoch_ckpt_name(resume_epoch)]
+        if not candidates:
+            raise UserError(f"checkpoint.resume_epoch={resume_epoch}: no {epoch_ckpt_name(resume_epoch)} in "
+                            f"{ckpt_dir}; use checkpoint.resume_epoch=-1 for the newest")
+    for path in candidates:
+        try:
+            ckpt = load_checkpoint(path)
+            if "optimizer" not in ckpt or "epoch" not in ckpt:
+                raise UserError(f"checkpoint '{path}' holds weights only, not a training state")
+            return path, ckpt
+        except UserError as e:
+            logger.warning(f"skipping checkpoint: {e}")
+    return None
+
+
+def prune_checkpoints(ckpt_dir, keep_last):
+    """Keep the newest `keep_last` end-of-epoch checkpoints; mid-epoch ones are superseded by
+    the next end-of-epoch checkpoint and go too."""
+    epoch_ckpts = [p for p in list_checkpoints(ckpt_dir) if "_step" not in os.path.basename(p)]
+    stale = epoch_ckpts[keep_last:] + [p for p in list_checkpoints(ckpt_dir) if "_step" in os.path.basename(p)]
+    for path in stale:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+
+
+def newest_final(ckpt_dir):
+    """The newest `*_final.pth` in ckpt_dir, or None."""
+    if not os.path.isdir(ckpt_dir):
+        return None
+    finals = [os.path.join(ckpt_dir, n) for n in os.listdir(ckpt_dir) if n.endswith("_final.pth")]
+    return max(finals, key=lambda p: os.stat(p).st_mtime_ns) if finals else None
+
+
+# ---------------------------------------------------------------------------------- RNG state
+
+def get_rng_state(device):
+    np_state = np.random.get_state()
+    py = random.getstate()
+    state = {
+        "python": list(py[1]) + [py[0], py[2]],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
+                  float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    elif device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
+    return state
+
+
+def set_rng_state(state, device):
+    py = state["python"]
+    random.setstate((py[-2], tuple(py[:-2]), py[-1]))
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    elif device.type == "mps" and "mps" in state:
+        torch.mps.set_rng_state(state["mps"])
+
+
+def gather_rng(device, world):
+    """Every rank's RNG state (dropout draws differ per rank), gathered to all ranks."""
+    mine = get_rng_state(device)
+    if world == 1:
+        return [mine]
+    out = [None] * world
+    dist.all_gather_object(out, mine)
+    return out
+
+
+# ---------------------------------------------------------------------------------- resuming
+
+def resume_requested(cfg):
+    """(look for a checkpoint, one is required). A torchrun restart (after a worker died) always
+    resumes, or its epochs would be run twice."""
+    mode = cfg.checkpoint.resume
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+    return mode is True or mode == "auto" or restarted, mode is True
+
+
+def check_same_run(path, ckpt, model_args, dataset):
+    """A checkpoint of another model or data set (a reused checkpoint.dir) would not load, or
+    would silently train on the wrong labels: stop with the keys that differ. Dropout and drop
+    path may change between the legs of a run."""
+    old_args, old_data = ckpt.get("model_args") or {}, (ckpt.get("data_info") or {}).get("dataset", dataset)
+    diff = [f"model.{k}={old_args[k]!r} there, {model_args[k]!r} now" for k in sorted(model_args)
+            if k in old_args and old_args[k] != model_args[k] and k not in ("dropout", "drop_path")]
+    if old_data != dataset:
+        diff.insert(0, f"data.dataset={old_data} there, {dataset} now")
+    if diff:
+        raise UserError(f"checkpoint '{path}' is from another run ({'; '.join(diff)}); resume with that run's "
+                        f"config, or set checkpoint.dir to a new folder or checkpoint.resume=false")
+
+
+def rebase_to_global_batch(ckpt, tcfg, world, schedule, state):
+    """A checkpoint counts steps of the global batch it was written with. When the world size or
+    batch size changed, re-express the position in the epoch and the LR schedule in the new
+    global batches, or the schedule would end early or late. Returns a warning, or None when the
+    global batch is the same and nothing changed."""
+    old = ckpt.get("config", {}).get("train", {})
+    old_global = int(old.get("batch_size", tcfg.batch_size)) * int(ckpt.get("world_size", 1))
+    new_global = tcfg.batch_size * world
+    if old_global == new_global and int(old.get("grad_accum", tcfg.grad_accum)) == tcfg.grad_accum:
+        return None
+    step = state.step * old_global // new_global  # round down: repeat a few images rather than skip them
+    state.step = step - step % tcfg.grad_accum  # optimizer steps start on an accumulation boundary
+    schedule.load_state_dict({"step_count": state.epoch * schedule.spe + state.step // tcfg.grad_accum})
+    return (f"checkpoint was written with a global batch of {old_global}, continuing with {new_global}: "
+            f"resuming at step {state.step} of epoch {state.epoch + 1}, lr schedule at step {schedule.step_count}")
+
+
+def restore(ckpt, t, state, rank):
+    """Load a training checkpoint into the training objects `t` and `state`."""
+    t.raw.load_state_dict(ckpt["model"])
+    t.optimizer.load_state_dict(ckpt["optimizer"])
+    t.schedule.load_state_dict(ckpt["scheduler"])
+    t.scaler.load_state_dict(ckpt["scaler"])
+    restarted_ema = False
+    if t.ema is not None and ckpt.get("ema"):
+        t.ema.load_state_dict(ckpt["ema"])
+    elif t.ema is not None:  # EMA switched on mid-run: start the average from the resumed weights
+        t.ema.restart()
+        restarted_ema = True
+    state.epoch, state.step = int(ckpt["epoch"]), int(ckpt["step_in_epoch"])
+    state.sums = list(ckpt["epoch_sums"]) if rank == 0 else [0.0, 0.0, 0.0]
+    state.partial_time = float(ckpt["partial_time"])
+    state.history, state.best_val_acc = list(ckpt["history"]), float(ckpt["best_val_acc"])
+    state.bad_epochs = int(ckpt["bad_epochs"])
+    return restarted_ema
+
+
+# ------------------------------------------------------------------------------- save policy
+
+class Checkpointer:
+    """The save policy of one run, in the spirit of timm's CheckpointSaver: a resumable checkpoint
+    every `checkpoint.save_every` epochs (and at the last), the newest `keep_last` of them kept,
+    `best.pth` when the score improves, the final weights at the end, and a step checkpoint when
+    a signal stops the run. Every rank calls it (the RNG states are gathered from all ranks);
+    only rank 0 writes."""
+
+    def __init__(self, cfg, ctx, model_args):
+        self.cfg, self.ctx, self.model_args = cfg, ctx, model_args
+        self.dir = cfg.checkpoint.dir
+        self.writer = ctx.rank == 0
+        self.final_path = os.path.join(self.dir, final_weights_name(ctx.info.dataset, model_args["name"]))
+
+    def _write(self, name, payload):
+        path = os.path.join(self.dir, name)
+        if self.writer:
+            save_checkpoint(path, payload)
+        return path
+
+    def _common(self, t, state):
+        return {"format": FORMAT, "model": strip_prefixes(t.raw.state_dict()), "model_args": self.model_args,
+                "data_info": self.ctx.info.to_dict(), "config": to_plain(self.cfg), "epoch": state.epoch,
+                "history": list(state.history)}
+
+    def training_payload(self, t, state, rng):
+        return {**self._common(t, state), "ema": t.ema.state_dict() if t.ema is not None else None,
+                "optimizer": t.optimizer.state_dict(), "scheduler": t.schedule.state_dict(),
+                "scaler": t.scaler.state_dict(), "step_in_epoch": state.step, "epoch_sums": list(state.sums),
+                "partial_time": state.partial_time, "best_val_acc": state.best_val_acc,
+                "bad_epochs": state.bad_epochs, "rng": rng, "world_size": self.ctx.world}
+
+    def weights_payload(self, t, state):
+        """Self-describing weights (best, final); with train.ema the averaged weights go beside
+        the raw ones, as `ema_model`."""
+        ema = {"ema_model": strip_prefixes(t.ema.module.state_dict())} if t.ema is not None else {}
+        return {**self._common(t, state), **ema}
+
+    def end_of_epoch(self, t, state, improved, last):
+        """After epoch `state.epoch`: the resumable checkpoint first (metrics.jsonl is rebuilt from
+        it on resume), then the pruning, then best.pth."""
+        if state.epoch % self.cfg.checkpoint.save_every == 0 or last:
+            rng = gather_rng(self.ctx.device, self.ctx.world)
+            self._write(epoch_ckpt_name(state.epoch), self.training_payload(t, state, rng))
+            if self.writer:
+                prune_checkpoints(self.dir, self.cfg.checkpoint.keep_last)
+        if improved:
+            self._write("best.pth", self.weights_payload(t, state))
+
+    def interrupted(self, t, state):
+        """A step checkpoint that records the position inside the epoch."""
+        rng = gather_rng(self.ctx.device, self.ctx.world)
+        return self._write(epoch_ckpt_name(state.epoch, state.step), self.training_payload(t, state, rng))
+
+    def final(self, t, state):
+        return self._write(os.path.basename(self.final_path), self.weights_payload(t, state))
+
+    def resume(self, t, state):
+        """Load the newest valid checkpoint into `t` and `state` when the config asks for it (rank
+        0 picks the file; all ranks load it). Returns its path, or None for a fresh start."""
+        wanted, required = resume_requested(self.cfg)
+        if not wanted:
+            return None
+        ctx = self.ctx
+        found = find_resume_checkpoint(self.dir, self.cfg.checkpoint.resume_epoch, ctx.logger) if self.writer else None
+        path = found[0] if found else None
+        if ctx.world > 1:
+            box = [path]
+            dist.broadcast_object_list(box, src=0)
+            path = box[0]
+        if path is None:
+            if required:
+                raise UserError(f"checkpoint.resume=true but {self.dir} holds no readable checkpoint; "
+                                f"train without checkpoint.resume=true, or set checkpoint.dir")
+            return None
+        ckpt = found[1] if found else load_checkpoint(path)
+        check_same_run(path, ckpt, self.model_args, ctx.info.dataset)
+        if restore(ckpt, t, state, ctx.rank):
+            ctx.logger.warning("the checkpoint holds no EMA weights (train.ema was off); the EMA starts from its weights")
+        self._restore_rng(ckpt, state)
+        if ctx.world != int(ckpt.get("world_size", 1)):
+            ctx.logger.info(f"checkpoint was written by {ckpt.get('world_size')} rank(s); continuing on {ctx.world}")
+        warning = rebase_to_global_batch(ckpt, self.cfg.train, ctx.world, t.schedule, state)
+        if warning:
+            ctx.logger.warning(warning)
+        return path
+
+    def _restore_rng(self, ckpt, state):
+        rng, ctx = ckpt.get("rng") or [], self.ctx
+        if len(rng) == ctx.world:
+            set_rng_state(rng[ctx.rank], ctx.device)
+        else:
+            seed_everything(self.cfg.train.seed + 1000 * state.epoch + ctx.rank)
+
+
+# ------------------------------------------------------------------------- trained weights
+
+def load_trained(path):
+    """(model on the CPU with its preferred weights, the checkpoint, "EMA" or "raw") from a file
+    that train.py wrote; weights saved on a GPU load anywhere. A file that cannot rebuild its
+    model is a one-line UserError."""
+    ckpt = load_checkpoint(path, map_location="cpu")
+    if "model_args" not in ckpt or "data_info" not in ckpt:
+        raise UserError(f"checkpoint '{path}' has no model_args/data_info, so the model cannot be rebuilt from it; "
+                        f"use a *_final.pth or best.pth written by train.py", code=1)
+    model = build_model(ckpt["model_args"])
+    weights, kind = preferred_weights(ckpt)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        lines = str(e).splitlines()
+        raise UserError(f"checkpoint '{path}': the weights do not fit its model_args "
+                        f"({lines[1].strip() if len(lines) > 1 else e}); "
+                        f"the file was edited or mixed from two runs", code=1)
+    return model, ckpt, kind
