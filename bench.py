@@ -152,7 +152,7 @@ class Reporter:
         """A JSON line per metric both pipelines measured (images/s: > 1 is faster; s: < 1 is).
         For windowed metrics it is the median of the per-window ratios, each window of ours paired
         with the baseline's window right after it; the ratio of the medians comes along."""
-        for (pipeline, metric), (value, unit) in list(self.values.items()):
+        for (pipeline, metric), (value, _) in list(self.values.items()):
             base = self.values.get(("baseline", metric), (None,))[0]
             if pipeline != "ours" or value is None or not base or metric.startswith("peak_"):
                 continue
@@ -522,7 +522,8 @@ def emit_tta(rep, pipe, goal, result):
     reached = acc >= target
     rep.emit(pipe.name, f"time_to_{target:g}_s", round(spent, 2) if reached else None, "s", pipe.summary,
              reached=reached, final_acc=round(acc, 4), train_s=round(spent, 2), max_train_s=cap or None,
-             curve_s_acc=curve, note="training seconds from a fresh model; evaluation after each epoch is off the clock")
+             curve_s_acc=curve,
+             note="training seconds from a fresh model; evaluation after each epoch is off the clock")
 
 
 def prepare(setup, cfg, args, device, clock):

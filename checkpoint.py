@@ -56,7 +56,7 @@ def load_checkpoint(path, map_location="cpu"):
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise UserError(f"checkpoint '{path}' cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-                        f"it is truncated or not a checkpoint of this toolkit", code=1)
+                        f"it is truncated or not a checkpoint of this toolkit", code=1) from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise UserError(f"checkpoint '{path}' has no 'model' entry; it was not written by this toolkit", code=1)
     return ckpt
@@ -302,7 +302,8 @@ class Checkpointer:
         ckpt = found[1] if found else load_checkpoint(path)
         check_same_run(path, ckpt, self.model_args, ctx.info.dataset)
         if restore(ckpt, t, state, ctx.rank):
-            ctx.logger.warning("the checkpoint holds no EMA weights (train.ema was off); the EMA starts from its weights")
+            ctx.logger.warning("the checkpoint holds no EMA weights (train.ema was off); the EMA starts from its "
+                               "weights")
         self._restore_rng(ckpt, state)
         if ctx.world != int(ckpt.get("world_size", 1)):
             ctx.logger.info(f"checkpoint was written by {ckpt.get('world_size')} rank(s); continuing on {ctx.world}")
@@ -337,5 +338,5 @@ def load_trained(path):
         lines = str(e).splitlines()
         raise UserError(f"checkpoint '{path}': the weights do not fit its model_args "
                         f"({lines[1].strip() if len(lines) > 1 else e}); "
-                        f"the file was edited or mixed from two runs", code=1)
+                        f"the file was edited or mixed from two runs", code=1) from None
     return model, ckpt, kind

@@ -75,7 +75,7 @@ def _read_maybe_gz(path):
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError) as e:
-            raise DataError(f"{path}: the gzip stream is corrupt or truncated ({e}); replace the file")
+            raise DataError(f"{path}: the gzip stream is corrupt or truncated ({e}); replace the file") from None
     return raw
 
 
@@ -143,7 +143,7 @@ def _read_cifar_batch(path):
         with open(path, "rb") as f:
             d = _NumpyOnlyUnpickler(f, encoding="bytes").load()
     except Exception as e:
-        raise DataError(f"{path}: not a readable CIFAR-10 batch ({type(e).__name__}: {e}); replace the file")
+        raise DataError(f"{path}: not a readable CIFAR-10 batch ({type(e).__name__}: {e}); replace the file") from None
     if not isinstance(d, dict):
         raise DataError(f"{path}: not a CIFAR-10 batch (expected a dict); replace the file")
     d = {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
@@ -177,13 +177,13 @@ def _extract_cifar_tar(data_root):
         return
     try:
         with tarfile.open(archive) as tar:
-            members = [m for m in tar.getmembers() if m.isfile()
-                       and os.path.basename(m.name) in CIFAR_FILES and ".." not in m.name and not m.name.startswith("/")]
+            members = [m for m in tar.getmembers() if m.isfile() and os.path.basename(m.name) in CIFAR_FILES
+                       and ".." not in m.name and not m.name.startswith("/")]
             for m in members:
                 m.name = os.path.join("cifar-10-batches-py", os.path.basename(m.name))
                 tar.extract(m, data_root)
     except (tarfile.TarError, OSError, EOFError) as e:
-        raise DataError(f"{archive}: cannot unpack ({e}); replace the archive")
+        raise DataError(f"{archive}: cannot unpack ({e}); replace the archive") from None
 
 
 # ---------------------------------------------------------------------------------- folder dataset
@@ -201,7 +201,7 @@ def _decode(path, size):
         with Image.open(path) as im:
             return rgb_uint8(im, size)
     except Exception as e:
-        raise DataError(f"{path}: not a readable image ({e}); remove or replace it")
+        raise DataError(f"{path}: not a readable image ({e}); remove or replace it") from None
 
 
 def load_folder_split(root, split, size, num_workers, classes=None):

@@ -36,7 +36,8 @@ def parse_args(argv=None):
                    help="weights file, or a folder to take the newest *_final.pth from (default: checkpoint.dir "
                         "of config.yaml)")
     p.add_argument("--output", default="outputs", help="folder for one figure per image (default: outputs)")
-    p.add_argument("--no-show", action="store_true", help="do not open a window (default: open one when a display exists)")
+    p.add_argument("--no-show", action="store_true",
+                   help="do not open a window (default: open one when a display exists)")
     p.add_argument("--json", action="store_true", help="print one JSON array to stdout and nothing else (no window)")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"),
                    help="where to run the model (default: auto)")
@@ -87,9 +88,9 @@ def open_image(path):
             im.load()
             im = ImageOps.exif_transpose(im)
     except UnidentifiedImageError:
-        raise ValueError("not an image that Pillow can read (PNG, JPEG, BMP, ...)")
+        raise ValueError("not an image that Pillow can read (PNG, JPEG, BMP, ...)") from None
     except Exception as e:  # truncated data, decompression bombs, broken headers: all per file
-        raise ValueError(f"cannot decode ({type(e).__name__}: {str(e)[:100]})")
+        raise ValueError(f"cannot decode ({type(e).__name__}: {str(e)[:100]})") from None
     if max(im.size) > MAX_SIDE:
         im.thumbnail((MAX_SIDE, MAX_SIDE))
     return im
@@ -188,16 +189,17 @@ def mnist_style(im, size=28, box=20, by_mass=True, pen=PEN):
     out = np.zeros((size, size), np.float32)
     if found is None:
         return out.astype(np.uint8)
-    t, b, l, r = found
-    scale = box / max(b - t, r - l)
+    top, bottom, left, right = found
+    scale = box / max(bottom - top, right - left)
     m = math.ceil(2 / scale)  # two output pixels of margin keep the blurred stroke edges
-    crop = np.pad(ink, m)[t:b + 2 * m, l:r + 2 * m]
+    crop = np.pad(ink, m)[top:bottom + 2 * m, left:right + 2 * m]
     if pen:  # else a fine pen on a large photo shrinks to a faint hair
         width = pen_width(crop > 0.5)  # in photo pixels
         grow = round(pen / scale - width)
         if width * scale < THIN * pen and grow >= 2:
             crop = widen(crop, grow + 1 - grow % 2)  # odd: the stroke grows evenly
-    small = np.clip(resize_float(crop, max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale))), 0, 1)
+    small = resize_float(crop, max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale)))
+    small = np.clip(small, 0, 1)
     h, w = small.shape
     if by_mass and small.sum() > 0:
         ys, xs = np.indices(small.shape)
@@ -254,7 +256,8 @@ def save_figure(path, original, seen, probs, classes, title, keep_open):
     for a in ax[:2]:
         a.set_xticks([])
         a.set_yticks([])
-    ax[2].bar(range(len(classes)), probs.numpy(), color=["tab:red" if k == pred else "tab:gray" for k in range(len(classes))])
+    colours = ["tab:red" if k == pred else "tab:gray" for k in range(len(classes))]
+    ax[2].bar(range(len(classes)), probs.numpy(), color=colours)
     ax[2].set_xticks(range(len(classes)), classes, rotation=0 if max(map(len, classes)) <= 2 else 45,
                      ha="center" if max(map(len, classes)) <= 2 else "right", fontsize=8)
     ax[2].set_ylim(0, 1)

@@ -48,7 +48,8 @@ RANGES = {
     "data.test_limit": (0, True, None, None), "data.translate": (0, True, 8, True),
     "data.crop_padding": (0, True, 32, True), "data.random_erasing": (0, True, 1, True),
     "data.mixup_alpha": (0, True, None, None), "data.cutmix_alpha": (0, True, None, None),
-    "data.mix_off_epoch": (0, True, None, None), "data.rotate": (0, True, 180, True), "data.scale": (0, True, 0.5, True),
+    "data.mix_off_epoch": (0, True, None, None), "data.rotate": (0, True, 180, True),
+    "data.scale": (0, True, 0.5, True),
     "model.image_size": (1, True, 1024, True), "model.patch_size": (1, True, None, None),
     "model.dim": (1, True, None, None), "model.depth": (1, True, None, None), "model.heads": (1, True, None, None),
     "model.mlp_ratio": (0, False, None, None), "model.dropout": (0, True, 1, False),
@@ -107,7 +108,8 @@ def _check_known(node, schema, where, prefix=""):
             raise UserError(f"unknown config key '{typed}' in {where}; known keys: {_near(path, schema)}")
         if is_group:
             if not isinstance(value, dict):
-                raise UserError(f"config key '{path}' in {where} is a group; set one of its keys, e.g. {path}.<key>=...")
+                raise UserError(f"config key '{path}' in {where} is a group; set one of its keys, "
+                                f"e.g. {path}.<key>=...")
             _check_known(value, schema, where, path + ".")
         elif isinstance(value, dict):
             raise UserError(f"config key '{path}' in {where} takes a value, not a group")
@@ -180,7 +182,7 @@ def _parse_overrides(overrides):
     try:
         return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))
     except Exception as e:  # omegaconf's grammar errors
-        raise UserError(f"cannot read the overrides {' '.join(overrides)}: {str(e).splitlines()[0]}")
+        raise UserError(f"cannot read the overrides {' '.join(overrides)}: {str(e).splitlines()[0]}") from None
 
 
 def _load_yaml(path, what):
@@ -189,7 +191,7 @@ def _load_yaml(path, what):
     try:
         loaded = OmegaConf.load(path)
     except Exception as e:
-        raise UserError(f"{what} '{path}' is not valid YAML: {str(e).splitlines()[0]}")
+        raise UserError(f"{what} '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(loaded, DictConfig):
         raise UserError(f"{what} '{path}' must hold a mapping of config keys")
     return OmegaConf.to_container(loaded)

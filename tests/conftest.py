@@ -1,6 +1,11 @@
-"""Small data sets in the real on-disk formats (IDX, CIFAR pickle batches), written to tmp dirs,
-so every test runs the real loading code and nothing touches the network."""
+"""Shared test helpers: small data sets in the real on-disk formats (IDX, CIFAR pickle batches)
+written to tmp dirs, so every test runs the real loading code and nothing touches the network; a
+tiny model; the readers of a run's outputs; and a CLI runner.
+
+Tiers: `pytest -m "not slow"` is the fast tier (config, model, data parsing, checkpoints, infer);
+tests that train or start processes are marked slow and run in CI too."""
 import gzip
+import json
 import os
 import pickle
 import subprocess
@@ -11,6 +16,13 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+TIMING_KEYS = {"epoch_time_s", "images_per_s", "eval_time_s"}
+# a ViT small enough for unit tests: 28x28 digits, 16 patches, 2 blocks of width 32
+TINY_VIT = {"name": "vit", "image_size": 28, "patch_size": 7, "in_channels": 1, "num_classes": 10, "dim": 32,
+            "depth": 2, "heads": 2, "mlp_ratio": 2.0, "dropout": 0.0, "drop_path": 0.0, "pool": "cls", "stem": "patch"}
+MNIST_INFO = {"dataset": "mnist", "classes": [str(i) for i in range(10)], "mean": [0.1307], "std": [0.3081],
+              "in_channels": 1, "digit_style": True, "native_size": 28}
 
 
 def synthetic_digits(n, seed, size=28, channels=None):
@@ -77,3 +89,35 @@ def small_run_args(tmp_path, data_root, *extra):
     return [f"data.data_root={data_root}", f"checkpoint.dir={tmp_path}/ckpt", f"log.dir={tmp_path}/logs",
             "train.device=cpu", "train.batch_size=32", "model.dim=32", "model.depth=2", "model.heads=2",
             "log.tensorboard=false", "train.eval_batch_size=64", *extra]
+
+
+# ------------------------------------------------------------------------------- a run's outputs
+
+def read_metrics(log_dir):
+    with open(os.path.join(log_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def comparable(records):
+    """metrics.jsonl lines without the timings, which differ from run to run."""
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
+def final_weights(ckpt_dir, name="mnist_transformer_final.pth"):
+    from checkpoint import load_checkpoint
+    return load_checkpoint(os.path.join(ckpt_dir, name))["model"]
+
+
+def tiny_weights_file(path, prefix="", model_args=None):
+    """A self-describing weights file as train.py writes it; `prefix` mimics DDP / torch.compile.
+    Returns the model in eval mode."""
+    import torch
+    from checkpoint import save_checkpoint
+    from model import build_model
+    model_args = dict(model_args or TINY_VIT)
+    torch.manual_seed(0)
+    model = build_model(model_args)
+    state = {prefix + k: v for k, v in model.state_dict().items()}
+    save_checkpoint(path, {"format": 1, "model": state, "model_args": model_args, "data_info": dict(MNIST_INFO),
+                           "config": {}, "epoch": 1, "history": []})
+    return model.eval()

@@ -25,8 +25,9 @@ SHIP_STYLES = [("L", "PNG"), ("RGB", "JPEG"), ("RGBA", "PNG"), ("P", "PNG"), ("L
 EXT = {"PNG": ".png", "JPEG": ".jpg", "BMP": ".bmp"}
 
 
-def mnist_test_digits(data_root=os.path.join(ROOT, "data")):
+def mnist_test_digits(data_root=None):
     """The real MNIST test split: (N, 28, 28) uint8 white-on-black, (N,) labels."""
+    data_root = data_root or os.path.join(ROOT, "data")
     sys.path.insert(0, ROOT)
     from data import load_raw
     _, _, vx, vy, _ = load_raw("mnist", data_root, download=False)
@@ -132,7 +133,7 @@ def main(argv=None):
     per_class = -(-args.count // 10)
     indices = np.concatenate([rng.choice(np.flatnonzero(labels == k), per_class, replace=False) for k in range(10)])
     indices = rng.permutation(indices)[:args.count]
-    for path, label in write_set(args.out, digits, labels, indices, args.seed, args.plain, args.broken,
+    for path, _ in write_set(args.out, digits, labels, indices, args.seed, args.plain, args.broken,
                                  args.small, args.fine_pen):
         print(f"{path}  ({os.path.getsize(path)} bytes)")
 

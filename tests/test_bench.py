@@ -35,6 +35,7 @@ def tiny_root(tmp_path):
     return str(tmp_path / "data")
 
 
+@pytest.mark.slow
 def test_bench_with_baseline_reports_consistent_numbers(capsys, tiny_root):
     code, rec, err = run_bench(capsys, tiny_root, "--baseline", "--windows", "3", "--window-steps", "2",
                                "--warmup-steps", "1", "--eval-images", "0")
@@ -51,7 +52,7 @@ def test_bench_with_baseline_reports_consistent_numbers(capsys, tiny_root):
     # ours trains 256 // 32 * 32 = 256 images an epoch; the baseline keeps its last partial batch
     assert rec[("ours", "epoch_time_s")]["value"] == pytest.approx(256 / rec[("ours", "train_images_per_s")]["value"],
                                                                    rel=0.01, abs=0.0006)
-    assert rec[("baseline", "train_images_per_s")]["config"]["batch"] == 64  # the baseline's own batch, not the config's
+    assert rec[("baseline", "train_images_per_s")]["config"]["batch"] == 64  # its own batch, not the config's
     assert rec[("ours", "data_load_s")]["value"] >= 0
     ratio = rec[("ratio", "train_images_per_s")]
     ours_w, base_w = rec[("ours", "train_images_per_s")]["windows"], rec[("baseline", "train_images_per_s")]["windows"]
@@ -62,6 +63,7 @@ def test_bench_with_baseline_reports_consistent_numbers(capsys, tiny_root):
     assert "ours/baseline" in err and "train_images_per_s" in err
 
 
+@pytest.mark.slow
 def test_target_acc_reached_and_capped(capsys, tmp_path):
     write_idx_set(str(tmp_path / "data" / "MNIST" / "raw"), n_train=2560, n_test=100)
     root = str(tmp_path / "data")
@@ -84,6 +86,7 @@ def test_target_acc_reached_and_capped(capsys, tmp_path):
         assert 0.05 <= r["train_s"] < 3.0 and r["max_train_s"] == 0.05
 
 
+@pytest.mark.slow
 def test_baseline_at_the_tutorial_dims(capsys, tiny_root):
     code, rec, _ = run_bench(capsys, tiny_root, "--baseline", "--baseline-dims", "tutorial", "--windows", "1",
                              "--window-steps", "1", "--warmup-steps", "0", "--eval-images", "64")

@@ -1,14 +1,28 @@
+"""data.py: the parsers of every on-disk format (IDX, CIFAR batches and archive, image folders) on
+small files written here, their one-line errors, and the whole-batch augmentations."""
 import gzip
+import hashlib
+import json
 import os
+import pickle
+import shutil
+import tarfile
 
 import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+from PIL import Image
 
-from conftest import ROOT, idx_bytes, write_cifar_set, write_idx_set
+import data
+import infer
+import train
+from checkpoint import load_checkpoint
+from conftest import ROOT, idx_bytes, small_run_args, write_cifar_set, write_idx_set
 from data import (TRIVIAL_OPS, DataError, augment, batch_generator, epoch_permutation, load_raw, mix_batch, normalize,
                   random_erasing, read_idx, shard_bounds, trivial_augment)
+
+HAVE_MNIST = os.path.isfile(os.path.join(ROOT, "data", "MNIST", "raw", "t10k-images-idx3-ubyte.gz"))
 
 
 def aug_cfg(**kw):
@@ -63,7 +77,8 @@ def test_missing_files_are_listed_with_the_folder(tmp_path):
     with pytest.raises(DataError) as e:
         load_raw("mnist", str(tmp_path), download=False)
     msg = str(e.value)
-    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
         assert name in msg
     assert os.path.join(str(tmp_path), "MNIST", "raw") in msg
 
@@ -211,7 +226,8 @@ def test_shards_cover_each_item_once():
 
 def test_epoch_permutation_depends_on_seed_and_epoch_only():
     a = epoch_permutation(100, 1, 2, "cpu")
-    assert torch.equal(a, epoch_permutation(100, 1, 2, "cpu")) and not torch.equal(a, epoch_permutation(100, 1, 3, "cpu"))
+    assert torch.equal(a, epoch_permutation(100, 1, 2, "cpu"))
+    assert not torch.equal(a, epoch_permutation(100, 1, 3, "cpu"))
     assert sorted(a.tolist()) == list(range(100))
 
 
@@ -222,3 +238,103 @@ def test_shipped_mnist_is_the_real_one():
     tx, ty, vx, vy, info = load_raw("mnist", os.path.join(ROOT, "data"), download=False)
     assert (len(tx), len(vx)) == (60000, 10000)
     assert torch.bincount(ty).min() > 5000
+
+
+# ---------------------------------------------------------------------------- data from files
+
+def colour_folder(root, n_train=24, n_test=6):
+    """red and blue squares with noise, of several sizes: an ImageFolder tree."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("test", n_test)):
+        for cls, rgb in (("blue", (30, 40, 200)), ("red", (210, 30, 30))):
+            os.makedirs(os.path.join(root, split, cls))
+            for i in range(n):
+                a = np.clip(np.array(rgb) + rng.normal(0, 25, (20 + i % 5, 24, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(a).save(os.path.join(root, split, cls, f"{i}.{'png' if i % 2 else 'jpg'}"))
+
+
+@pytest.mark.slow
+def test_folder_dataset_trains_evaluates_and_predicts(tmp_path, capsys):
+    root = str(tmp_path / "photos")
+    colour_folder(root)
+    args = small_run_args(tmp_path, root, "data.dataset=folder", "model.image_size=16", "model.patch_size=4",
+                          "train.batch_size=8", "train.epochs=3", "data.test_limit=0")
+    assert train.main(args) == 0
+    ckpt = str(tmp_path / "ckpt" / "folder_transformer_final.pth")
+    saved = load_checkpoint(ckpt)
+    assert saved["data_info"]["classes"] == ["blue", "red"] and saved["model_args"]["in_channels"] == 3
+    history = saved["history"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"] and history[-1]["val_acc"] == 1.0
+    capsys.readouterr()
+    assert train.main(["--eval", "--checkpoint", ckpt] + args) == 0
+    out = capsys.readouterr().out
+    assert "Total Samples: 12" in out and "Global Accuracy: 100.00%" in out and "blue: 100.00% of 6" in out
+    assert os.path.exists(tmp_path / "ckpt" / "folder_transformer_final_confusion.png")
+    probe = tmp_path / "probe.png"
+    Image.new("RGBA", (50, 30), (220, 20, 20, 255)).save(probe)
+    assert infer.main(["--images", str(probe), "--checkpoint", ckpt, "--json", "--no-show",
+                       "--output", str(tmp_path / "o")]) == 0
+    result = json.loads(capsys.readouterr().out)[0]
+    assert result["label"] == "red" and len(result["probs"]) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_MNIST, reason="shipped MNIST not present")
+def test_regzipped_real_format_fashion_trains_offline(tmp_path, monkeypatch):
+    """Real IDX files, re-gzipped (other checksums than upstream), in FashionMNIST/raw: trained
+    with no download attempted."""
+    src = os.path.join(ROOT, "data", "MNIST", "raw")
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for split in ("train", "t10k"):  # the small t10k files stand in for both splits
+        for kind in ("images-idx3", "labels-idx1"):
+            with open(os.path.join(src, f"t10k-{kind}-ubyte.gz"), "rb") as f:
+                original = f.read()
+            packed = gzip.compress(gzip.decompress(original), compresslevel=1, mtime=1)
+            assert hashlib.md5(packed).digest() != hashlib.md5(original).digest()
+            (raw / f"{split}-{kind}-ubyte.gz").write_bytes(packed)
+
+    def no_network(*a, **k):
+        raise AssertionError("tried to download")
+    monkeypatch.setattr(data, "_try_download", no_network)
+    args = small_run_args(tmp_path, str(tmp_path), "data.dataset=fashion_mnist", "data.train_limit=320",
+                          "data.test_limit=100", "train.epochs=1")
+    assert train.main(args) == 0
+    saved = load_checkpoint(str(tmp_path / "ckpt" / "fashion_mnist_transformer_final.pth"))
+    assert saved["data_info"]["classes"] == data.FASHION and len(saved["history"]) == 1
+
+
+def test_truncated_gzip_idx_names_the_file(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    write_idx_set(str(raw))
+    p = raw / "t10k-images-idx3-ubyte.gz"
+    p.write_bytes(p.read_bytes()[:200])
+    with pytest.raises(data.DataError, match="t10k-images-idx3-ubyte.gz.*(corrupt|truncated)"):
+        data.load_raw("mnist", str(tmp_path), download=False)
+
+
+def test_cifar_count_mismatch_and_missing_batch_name_the_file(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    write_cifar_set(str(folder))
+    with open(folder / "data_batch_2", "rb") as f:
+        d = pickle.load(f)
+    d[b"labels"] = d[b"labels"][:-1]
+    with open(folder / "data_batch_2", "wb") as f:
+        pickle.dump(d, f, protocol=2)
+    with pytest.raises(data.DataError, match="data_batch_2.*64 images but 63 labels"):
+        data.load_raw("cifar10", str(tmp_path), download=False)
+    (folder / "data_batch_2").unlink()
+    with pytest.raises(data.DataError, match="missing data_batch_2"):
+        data.load_raw("cifar10", str(tmp_path), download=False)
+
+
+def test_cifar_from_the_original_archive(tmp_path):
+    staging = tmp_path / "staging"
+    write_cifar_set(str(staging / "cifar-10-batches-py"))
+    root = tmp_path / "root"
+    root.mkdir()
+    with tarfile.open(root / "cifar-10-python.tar.gz", "w:gz") as tar:
+        tar.add(staging / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    shutil.rmtree(staging)
+    tx, ty, vx, vy, info = data.load_raw("cifar10", str(root), download=False)
+    assert tx.shape == (320, 3, 32, 32) and vx.shape == (100, 3, 32, 32) and info.classes == data.CIFAR10

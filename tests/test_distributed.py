@@ -4,14 +4,10 @@ the same global batch; evaluation counts each image once; a failing, killed or p
 leaves the group hanging and never costs an epoch twice.
 
 The reference is one process with batch 32; two ranks use batch 16 each (the same global batch),
-so the runs agree up to floating-point order. The file doubles as a driver that injects a fault
-into one rank: python tests/test_distributed.py raise|term|kill RANK CALL [train.py arguments].
+so the runs agree up to floating-point order. tests/fault_driver.py injects a fault into one rank.
 """
-import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +15,11 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, small_run_args, write_idx_set
+import launch
+import train
+from conftest import ROOT, read_metrics, small_run_args, write_idx_set
+from launch import free_port
+from utils import UserError, load_config
 
 N_TRAIN, N_TEST = 640, 1001   # 20 steps per epoch at global batch 32; an odd test split
 EPOCHS = ("train.epochs=2",)
@@ -27,16 +27,10 @@ TWO_RANKS = ("train.batch_size=16",)  # per rank: global batch 32, as the refere
 WEIGHT_TOL = 1e-5                # same run up to floating-point order (measured: 2.4e-7)
 DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
 TRAIN_PY = os.path.join(ROOT, "train.py")
-DRIVER = os.path.abspath(__file__)
+DRIVER = os.path.join(ROOT, "tests", "fault_driver.py")
 
 
 # ------------------------------------------------------------------------------------------ helpers
-
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def clean_env(**extra):
     """The test's own environment minus any launcher variables, one thread per process (2 cores)."""
@@ -90,11 +84,6 @@ def torchrun(flags, script_argv, out_dir, name, **env):
     return start([sys.executable, "-m", "torch.distributed.run"] + flags + script_argv, out_dir, name, clean_env(**env))
 
 
-def read_metrics(log_dir):
-    with open(os.path.join(log_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
 def final_weights(run_dir, name="mnist_transformer_final.pth"):
     """The weights, less the key third of each qkv bias: softmax ignores it, so its true gradient is
     zero and Adam turns the rounding noise there into full-size steps of +-lr."""
@@ -137,8 +126,6 @@ def data_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, data_root):
     """One process, batch 32, 2 epochs: what every 2-rank launcher must reproduce."""
-    import launch
-    import train
     run_dir = str(tmp_path_factory.mktemp("ref"))
     assert train.main(args_for(run_dir, data_root)) == 0
     return run_dir
@@ -157,8 +144,6 @@ def spawned(tmp_path_factory, data_root):
 # ---------------------------------------------------------------------------------- fast unit pieces
 
 def test_dist_env_pytorchjob_has_no_local_rank(monkeypatch):
-    import launch
-    import train
     for k in DIST_VARS:
         monkeypatch.delenv(k, raising=False)
     assert launch.dist_env(None) == (0, 1, 0)
@@ -179,8 +164,6 @@ def test_dist_env_pytorchjob_has_no_local_rank(monkeypatch):
     ({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}, "RANK=2 and WORLD_SIZE=2"),
     ({"LOCAL_RANK": "x"}, "LOCAL_RANK='x'")])
 def test_bad_launcher_variables_are_one_line_errors(monkeypatch, capsys, env, named):
-    import launch
-    import train
     for k in DIST_VARS:
         monkeypatch.delenv(k, raising=False)
     for k, v in env.items():
@@ -193,8 +176,6 @@ def test_bad_launcher_variables_are_one_line_errors(monkeypatch, capsys, env, na
 def test_leave_group_waits_for_every_rank_and_rank0_goes_last(monkeypatch):
     """No rank closes its gloo sockets while another may still be in the last collective."""
     import threading
-    import launch
-    import train
     store = torch.distributed.HashStore()
     monkeypatch.setitem(launch._GROUP, "store", store)
     left = []
@@ -218,9 +199,6 @@ def test_leave_group_waits_for_every_rank_and_rank0_goes_last(monkeypatch):
 
 
 def test_backend_choice_libuv_and_mps(monkeypatch):
-    import launch
-    import train
-    from utils import UserError, load_config
     assert launch.pick_backend("auto", torch.device("cpu")) == "gloo"
     monkeypatch.setattr(sys, "platform", "linux")
     assert launch.pick_backend("auto", torch.device("cuda", 0)) == "nccl"
@@ -244,8 +222,6 @@ def test_backend_choice_libuv_and_mps(monkeypatch):
 
 
 def test_num_gpus_without_gpus_is_a_clear_error(monkeypatch, capsys):
-    import launch
-    import train
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for k in DIST_VARS:
         monkeypatch.delenv(k, raising=False)
@@ -261,12 +237,11 @@ def test_num_gpus_without_gpus_is_a_clear_error(monkeypatch, capsys):
 
 
 def test_lost_peer_is_recognised():
-    import launch
-    import train
     gloo = RuntimeError("[pair.cc:561] Connection closed by peer [127.0.0.1]:1234. This is typically ...")
     assert launch.lost_peer(gloo, 2) and not launch.lost_peer(gloo, 1)
     assert launch.lost_peer(RuntimeError("Timed out waiting 5000ms for recv operation to complete"), 2)
-    assert not launch.lost_peer(RuntimeError("mat1 and mat2 shapes cannot be multiplied"), 2)  # a bug keeps its traceback
+    bug = RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+    assert not launch.lost_peer(bug, 2)  # a bug keeps its traceback
 
 
 # ------------------------------------------------------------------------------- launchers, parity
@@ -288,8 +263,6 @@ def test_num_gpus_2_on_cpu_matches_one_process(spawned, reference):
 @pytest.mark.slow
 def test_eval_counts_each_image_once_under_torchrun(spawned, data_root, tmp_path, capsys):
     """1001 test images on 2 ranks: no padded duplicate, no dropped tail, the 1-process numbers."""
-    import launch
-    import train
     ckpt = os.path.join(spawned[0], "ckpt", "mnist_transformer_final.pth")
     argv = ["--eval", "--checkpoint", ckpt] + small_run_args(tmp_path, data_root)
     capsys.readouterr()
@@ -336,8 +309,6 @@ def test_pytorchjob_style_launch_by_hand(reference, data_root, tmp_path):
 def test_checkpoint_from_2_ranks_resumes_on_1(spawned, reference, data_root, tmp_path):
     """epoch_001.pt of the 2-rank run, continued by 1 process with the same global batch, ends where
     the 1-process run ends; with a different global batch the lr schedule still ends at its end."""
-    import launch
-    import train
     for name, batch in (("same", 32), ("half", 16)):
         run_dir = tmp_path / name
         shutil.copytree(os.path.join(spawned[0], "ckpt"), run_dir / "ckpt")
@@ -362,8 +333,6 @@ def test_preempting_one_pod_saves_one_checkpoint_then_resumes(reference, data_ro
     """SIGTERM to rank 1 alone, mid epoch 2, in a PyTorchJob-style group: both ranks agree on one
     step checkpoint and exit 143 (a PyTorchJob restarts such pods; 0 would end the job). The run
     continued by one process with batch 32 (checkpoint.resume: auto in k8s) ends where the reference ends."""
-    import launch
-    import train
     run_dir = str(tmp_path / "run")
     k8s = ("environment=k8s",) + tuple(args_for(run_dir, data_root))
     argv = [DRIVER, "term", "1", "25", *k8s, *TWO_RANKS, "train.log_interval=4"]
@@ -415,28 +384,3 @@ def test_a_failing_rank_ends_the_group(fault, data_root, tmp_path):
     assert ("/nonexistent/MNIST/raw" in cause) if failing == 0 else ("injected failure" in cause)
     said = read_text(str(tmp_path), f"rank{survivor}.err")
     assert f"error (rank {survivor}): another rank failed" in said and "Traceback" not in said
-
-
-# ------------------------------------------------------------------------------------ fault driver
-
-def fault_driver(argv):
-    """On rank RANK, at the CALL-th training batch of the first attempt: raise, SIGTERM or SIGKILL."""
-    action, target, at, rest = argv[0], int(argv[1]), int(argv[2]), argv[3:]
-    import launch
-    import train
-    real, calls = train.augment, [0]
-
-    def augment(*a, **kw):
-        calls[0] += 1
-        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-        if int(os.environ.get("RANK", "0")) == target and calls[0] == at and first_attempt:
-            if action == "raise":
-                raise RuntimeError("injected failure")
-            os.kill(os.getpid(), signal.SIGTERM if action == "term" else signal.SIGKILL)
-        return real(*a, **kw)
-    train.augment = augment
-    return train.main(rest)
-
-
-if __name__ == "__main__":
-    sys.exit(fault_driver(sys.argv[1:]))

@@ -1,13 +1,7 @@
-"""infer.py on photo-like images, broken files, --json and GPU-style checkpoints; and the issue-3
-data paths: folder data sets through train.main, re-gzipped Fashion-MNIST offline, CIFAR files."""
-import gzip
-import hashlib
+"""infer.py on photo-like images, broken files, --json and GPU-style checkpoints."""
 import io
 import json
 import os
-import pickle
-import shutil
-import tarfile
 
 import numpy as np
 import pytest
@@ -16,16 +10,9 @@ from PIL import Image
 
 import data
 import infer
-import train
-from conftest import ROOT, small_run_args, write_cifar_set, write_idx_set
-from model import build_model
+from conftest import MNIST_INFO, ROOT, tiny_weights_file
 from photos import STYLES, encode, fine_pen, mnist_test_digits, paper_photo, to_mode
-from checkpoint import load_checkpoint, save_checkpoint
 
-MNIST_INFO = {"dataset": "mnist", "classes": data.DIGITS, "mean": [0.1307], "std": [0.3081], "in_channels": 1,
-              "digit_style": True, "native_size": 28}
-TINY = {"name": "vit", "image_size": 28, "patch_size": 7, "in_channels": 1, "num_classes": 10, "dim": 32, "depth": 2,
-        "heads": 2, "mlp_ratio": 2.0, "dropout": 0.0, "drop_path": 0.0, "pool": "cls"}
 HAVE_MNIST = os.path.isfile(os.path.join(ROOT, "data", "MNIST", "raw", "t10k-images-idx3-ubyte.gz"))
 
 
@@ -55,16 +42,6 @@ def sheet_with_box(W, H, mode, fmt, wide=False):
     a[y0:y0 + h, x0:x0 + w] = 30
     a[y0 + h // 4:y0 + 3 * h // 4, x0 + w // 4:x0 + 3 * w // 4] = 225
     return reopen(to_mode(Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).convert("RGB"), mode), fmt)
-
-
-def tiny_checkpoint(path, prefix=""):
-    """A self-describing weights file as train.py writes it; `prefix` mimics DDP / torch.compile."""
-    torch.manual_seed(0)
-    model = build_model(TINY)
-    state = {prefix + k: v for k, v in model.state_dict().items()}
-    save_checkpoint(path, {"format": 1, "model": state, "model_args": dict(TINY), "data_info": dict(MNIST_INFO),
-                           "config": {}, "epoch": 1, "history": []})
-    return model.eval()
 
 
 # -------------------------------------------------------------------------------- preprocessing
@@ -148,7 +125,7 @@ def photo_folder(folder):
 def test_json_reports_broken_files_and_predicts_the_rest(tmp_path, capsys, prefix):
     folder, out, ckpt = str(tmp_path / "imgs"), str(tmp_path / "out"), str(tmp_path / "gpu.pth")
     photo_folder(folder)
-    reference = tiny_checkpoint(ckpt, prefix)  # keys saved as a DDP / compiled model names them
+    reference = tiny_weights_file(ckpt, prefix)  # keys saved as a DDP / compiled model names them
     assert infer.main(["--images", folder, "--checkpoint", ckpt, "--json", "--no-show", "--output", out]) == 0
     captured = capsys.readouterr()
     results = json.loads(captured.out)  # stdout is the JSON array and nothing else
@@ -171,7 +148,7 @@ def test_json_reports_broken_files_and_predicts_the_rest(tmp_path, capsys, prefi
 def test_table_output_and_exit_codes(tmp_path, capsys):
     folder, ckpt = str(tmp_path / "imgs"), str(tmp_path / "w.pth")
     photo_folder(folder)
-    tiny_checkpoint(ckpt, "module.")
+    tiny_weights_file(ckpt, "module.")
     assert infer.main(["--images", folder, "--checkpoint", ckpt, "--no-show", "--output", str(tmp_path / "o")]) == 0
     out = capsys.readouterr().out
     assert "file" in out and "top-3" in out and "figures: 4" in out
@@ -191,102 +168,3 @@ def test_table_output_and_exit_codes(tmp_path, capsys):
     torch.save({"model": {}}, tmp_path / "bare.pth")
     assert infer.main(["--images", folder, "--checkpoint", str(tmp_path / "bare.pth"), "--no-show"]) == 1
     assert "model_args" in capsys.readouterr().err
-
-
-# ---------------------------------------------------------------------------- data from files
-
-def colour_folder(root, n_train=24, n_test=6):
-    """red and blue squares with noise, of several sizes: an ImageFolder tree."""
-    rng = np.random.default_rng(0)
-    for split, n in (("train", n_train), ("test", n_test)):
-        for cls, rgb in (("blue", (30, 40, 200)), ("red", (210, 30, 30))):
-            os.makedirs(os.path.join(root, split, cls))
-            for i in range(n):
-                a = np.clip(np.array(rgb) + rng.normal(0, 25, (20 + i % 5, 24, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(a).save(os.path.join(root, split, cls, f"{i}.{'png' if i % 2 else 'jpg'}"))
-
-
-@pytest.mark.slow
-def test_folder_dataset_trains_evaluates_and_predicts(tmp_path, capsys):
-    root = str(tmp_path / "photos")
-    colour_folder(root)
-    args = small_run_args(tmp_path, root, "data.dataset=folder", "model.image_size=16", "model.patch_size=4",
-                          "train.batch_size=8", "train.epochs=3", "data.test_limit=0")
-    assert train.main(args) == 0
-    ckpt = str(tmp_path / "ckpt" / "folder_transformer_final.pth")
-    saved = load_checkpoint(ckpt)
-    assert saved["data_info"]["classes"] == ["blue", "red"] and saved["model_args"]["in_channels"] == 3
-    history = saved["history"]
-    assert history[-1]["train_loss"] < history[0]["train_loss"] and history[-1]["val_acc"] == 1.0
-    capsys.readouterr()
-    assert train.main(["--eval", "--checkpoint", ckpt] + args) == 0
-    out = capsys.readouterr().out
-    assert "Total Samples: 12" in out and "Global Accuracy: 100.00%" in out and "blue: 100.00% of 6" in out
-    assert os.path.exists(tmp_path / "ckpt" / "folder_transformer_final_confusion.png")
-    probe = tmp_path / "probe.png"
-    Image.new("RGBA", (50, 30), (220, 20, 20, 255)).save(probe)
-    assert infer.main(["--images", str(probe), "--checkpoint", ckpt, "--json", "--no-show",
-                       "--output", str(tmp_path / "o")]) == 0
-    result = json.loads(capsys.readouterr().out)[0]
-    assert result["label"] == "red" and len(result["probs"]) == 2
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not HAVE_MNIST, reason="shipped MNIST not present")
-def test_regzipped_real_format_fashion_trains_offline(tmp_path, monkeypatch):
-    """Real IDX files, re-gzipped (other checksums than upstream), in FashionMNIST/raw: trained
-    with no download attempted."""
-    src = os.path.join(ROOT, "data", "MNIST", "raw")
-    raw = tmp_path / "FashionMNIST" / "raw"
-    raw.mkdir(parents=True)
-    for split in ("train", "t10k"):  # the small t10k files stand in for both splits
-        for kind in ("images-idx3", "labels-idx1"):
-            blob = gzip.decompress(open(os.path.join(src, f"t10k-{kind}-ubyte.gz"), "rb").read())
-            packed = gzip.compress(blob, compresslevel=1, mtime=1)
-            assert hashlib.md5(packed).digest() != hashlib.md5(open(os.path.join(src, f"t10k-{kind}-ubyte.gz"), "rb").read()).digest()
-            (raw / f"{split}-{kind}-ubyte.gz").write_bytes(packed)
-
-    def no_network(*a, **k):
-        raise AssertionError("tried to download")
-    monkeypatch.setattr(data, "_try_download", no_network)
-    args = small_run_args(tmp_path, str(tmp_path), "data.dataset=fashion_mnist", "data.train_limit=320",
-                          "data.test_limit=100", "train.epochs=1")
-    assert train.main(args) == 0
-    saved = load_checkpoint(str(tmp_path / "ckpt" / "fashion_mnist_transformer_final.pth"))
-    assert saved["data_info"]["classes"] == data.FASHION and len(saved["history"]) == 1
-
-
-def test_truncated_gzip_idx_names_the_file(tmp_path):
-    raw = tmp_path / "MNIST" / "raw"
-    write_idx_set(str(raw))
-    p = raw / "t10k-images-idx3-ubyte.gz"
-    p.write_bytes(p.read_bytes()[:200])
-    with pytest.raises(data.DataError, match="t10k-images-idx3-ubyte.gz.*(corrupt|truncated)"):
-        data.load_raw("mnist", str(tmp_path), download=False)
-
-
-def test_cifar_count_mismatch_and_missing_batch_name_the_file(tmp_path):
-    folder = tmp_path / "cifar-10-batches-py"
-    write_cifar_set(str(folder))
-    with open(folder / "data_batch_2", "rb") as f:
-        d = pickle.load(f)
-    d[b"labels"] = d[b"labels"][:-1]
-    with open(folder / "data_batch_2", "wb") as f:
-        pickle.dump(d, f, protocol=2)
-    with pytest.raises(data.DataError, match="data_batch_2.*64 images but 63 labels"):
-        data.load_raw("cifar10", str(tmp_path), download=False)
-    (folder / "data_batch_2").unlink()
-    with pytest.raises(data.DataError, match="missing data_batch_2"):
-        data.load_raw("cifar10", str(tmp_path), download=False)
-
-
-def test_cifar_from_the_original_archive(tmp_path):
-    staging = tmp_path / "staging"
-    write_cifar_set(str(staging / "cifar-10-batches-py"))
-    root = tmp_path / "root"
-    root.mkdir()
-    with tarfile.open(root / "cifar-10-python.tar.gz", "w:gz") as tar:
-        tar.add(staging / "cifar-10-batches-py", arcname="cifar-10-batches-py")
-    shutil.rmtree(staging)
-    tx, ty, vx, vy, info = data.load_raw("cifar10", str(root), download=False)
-    assert tx.shape == (320, 3, 32, 32) and vx.shape == (100, 3, 32, 32) and info.classes == data.CIFAR10

@@ -1,4 +1,3 @@
-import json
 import os
 import signal
 import subprocess
@@ -10,25 +9,10 @@ import torch
 from omegaconf import OmegaConf
 
 import train
-from conftest import ROOT, small_run_args, write_idx_set
-from model import build_model
 from checkpoint import find_resume_checkpoint, load_checkpoint
-from utils import UserError, atomic_write_bytes, load_config, setup_logging
-
-TIMING_KEYS = {"epoch_time_s", "images_per_s", "eval_time_s"}
-
-
-def read_metrics(log_dir):
-    with open(os.path.join(log_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def comparable(records):
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
-
-
-def final_weights(ckpt_dir):
-    return load_checkpoint(os.path.join(ckpt_dir, "mnist_transformer_final.pth"))["model"]
+from conftest import ROOT, TINY_VIT, comparable, final_weights, read_metrics, small_run_args, write_idx_set
+from model import build_model
+from utils import UserError, load_config, setup_logging
 
 
 class StopAfter(train.StopSignal):
@@ -70,9 +54,7 @@ def test_lr_schedule_step_restarts_none():
 
 
 def test_no_weight_decay_on_norms_biases_embeddings():
-    model = build_model({"name": "vit", "image_size": 28, "patch_size": 7, "in_channels": 1, "num_classes": 10,
-                         "dim": 32, "depth": 1, "heads": 2, "mlp_ratio": 2.0, "dropout": 0.0, "drop_path": 0.0,
-                         "pool": "cls"})
+    model = build_model(dict(TINY_VIT, depth=1))
     decay, no_decay = train.param_groups(model, 0.05)
     names = {id(p): n for n, p in model.named_parameters()}
     no = {names[id(p)] for p in no_decay["params"]}
@@ -82,18 +64,7 @@ def test_no_weight_decay_on_norms_biases_embeddings():
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
 
 
-def test_atomic_write_survives_a_crash_mid_write(tmp_path, monkeypatch):
-    path = tmp_path / "ckpt.pt"
-    atomic_write_bytes(str(path), b"old")
-
-    def crash(fd):
-        raise OSError("disk yanked")
-    monkeypatch.setattr(os, "fsync", crash)
-    with pytest.raises(OSError):
-        atomic_write_bytes(str(path), b"new" * 1000)
-    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["ckpt.pt"]
-
-
+@pytest.mark.slow
 def test_corrupt_newest_checkpoint_falls_back(tmp_path, mnist_root):
     assert train.main(small_run_args(tmp_path, mnist_root, "train.epochs=2")) == 0
     ckpt = tmp_path / "ckpt"
@@ -112,6 +83,7 @@ def test_resume_true_without_checkpoint_is_a_clear_error(tmp_path, mnist_root, c
     assert "checkpoint.resume=true" in err and "no readable checkpoint" in err
 
 
+@pytest.mark.slow
 def test_resume_from_another_models_checkpoint_is_a_clear_error(tmp_path, mnist_root, capsys):
     assert train.main(small_run_args(tmp_path, mnist_root, "train.epochs=1")) == 0
     before = sorted(os.listdir(tmp_path / "ckpt"))
@@ -129,6 +101,7 @@ def test_resume_from_another_models_checkpoint_is_a_clear_error(tmp_path, mnist_
 
 # ------------------------------------------------------------------------------------ whole runs
 
+@pytest.mark.slow
 def test_training_reduces_loss_and_writes_every_output(tmp_path, mnist_root):
     assert train.main(small_run_args(tmp_path, mnist_root, "train.epochs=3")) == 0
     m = read_metrics(tmp_path / "logs")
@@ -149,6 +122,7 @@ def test_training_reduces_loss_and_writes_every_output(tmp_path, mnist_root):
     model.load_state_dict(final["model"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop_check, more", [
     (21 + 7, ()),  # mid epoch 2 (after its step 7)
     (21, ()),  # right after epoch 1
@@ -173,6 +147,7 @@ def test_resume_is_bit_exact(tmp_path, mnist_root, monkeypatch, stop_check, more
         assert all(torch.equal(ea[k], eb[k]) for k in ea) and not torch.equal(ea["head.weight"], wa["head.weight"])
 
 
+@pytest.mark.slow
 def test_mixing_runs_until_mix_off_epoch_and_the_model_still_learns(tmp_path, mnist_root, monkeypatch):
     calls = []
     real = train.mix_batch
@@ -185,6 +160,7 @@ def test_mixing_runs_until_mix_off_epoch_and_the_model_still_learns(tmp_path, mn
     assert m[-1]["val_loss"] < 0.5 * m[0]["val_loss"] and m[-1]["val_acc"] > 0.9
 
 
+@pytest.mark.slow
 def test_ema_is_evaluated_saved_and_preferred(tmp_path, mnist_root, capsys):
     assert train.main(small_run_args(tmp_path, mnist_root, "train.epochs=2", "train.ema=true",
                                      "train.ema_decay=0.9")) == 0
@@ -209,11 +185,13 @@ def test_eval_of_a_file_that_cannot_rebuild_its_model_is_one_line(tmp_path, mnis
     assert err.count("\n") == 1 and "has no model_args/data_info" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_eval_counts_every_test_image(tmp_path, mnist_root, capsys):
     assert train.main(small_run_args(tmp_path, mnist_root, "train.epochs=1")) == 0
     ckpt = str(tmp_path / "ckpt" / "mnist_transformer_final.pth")
     capsys.readouterr()
-    assert train.main(["--eval", "--checkpoint", ckpt] + small_run_args(tmp_path, mnist_root, "data.test_limit=151")) == 0
+    args = small_run_args(tmp_path, mnist_root, "data.test_limit=151")
+    assert train.main(["--eval", "--checkpoint", ckpt] + args) == 0
     out = capsys.readouterr().out
     assert "Total Samples: 151" in out and "Global Average Loss:" in out and "Global Accuracy:" in out
     assert os.path.exists(tmp_path / "ckpt" / "mnist_transformer_final_confusion.png")
@@ -228,7 +206,8 @@ def test_sigterm_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     straight = [a.replace(str(tmp_path / "x"), str(tmp_path / "s")) for a in base]
     r = subprocess.run([sys.executable] + straight, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
-    proc = subprocess.Popen([sys.executable] + base, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([sys.executable] + base, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     metrics = tmp_path / "x" / "logs" / "metrics.jsonl"
     deadline = time.time() + 300
     while not (metrics.exists() and metrics.read_text().strip()) and time.time() < deadline:
