@@ -279,7 +279,8 @@ def setup_ours(cfg, args, device, clock):
     """train.py's pipeline for one rank: device-resident data, the config's model and optimizer."""
     tcfg, logger = cfg.train, logging.getLogger("bench")
     t0 = time.perf_counter()
-    train_split, test_split, info = load_data(cfg.data, cfg.model.image_size, device, logger)
+    splits = load_data(cfg.data, cfg.model.image_size, device, tcfg.seed, logger)
+    train_split, test_split, info = splits.train, splits.test, splits.info
     load_s = time.perf_counter() - t0
     spe = train.count_steps(len(train_split), tcfg.batch_size)
     ctx = train.RunCtx(cfg, device, 0, 1, info, train.amp_dtype_for(tcfg.amp, device), spe, logger)

@@ -1,5 +1,9 @@
-"""Everything a checkpoint is: what goes in it, when it is written, how a run finds, checks and
-resumes one, and how infer.py and `--eval` rebuild a trained model from one file.
+"""Everything a checkpoint is: what goes in it, when it is written, which run folder a run writes
+to and resumes from, how it checks and loads one, and how infer.py and `--eval` rebuild a trained
+model from one file.
+
+Each run has its own folders, `<checkpoint.dir>/<run>/` and `<log.dir>/<run>/`, so a second run
+never touches the first one's files; `<checkpoint.dir>/latest` names the newest run.
 
 Two kinds of file, both written atomically (temporary name, fsync, rename):
 - training checkpoints `epoch_NNN.pt` (and `epoch_NNN_stepSSSSSS.pt` when stopped mid-epoch):
@@ -18,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from launch import from_rank0
 from model import build_model, preferred_weights, strip_prefixes
 from utils import UserError, atomic_write_bytes, seed_everything, to_plain
 
@@ -114,11 +119,18 @@ def prune_checkpoints(ckpt_dir, keep_last):
             pass
 
 
-def newest_final(ckpt_dir):
-    """The newest `*_final.pth` in ckpt_dir, or None."""
-    if not os.path.isdir(ckpt_dir):
+def newest_final(folder):
+    """The newest `*_final.pth` in `folder` or in its run folders (one level down), or None: the
+    newest run's final weights under checkpoint.dir, or a run's own when given its folder."""
+    if not os.path.isdir(folder):
         return None
-    finals = [os.path.join(ckpt_dir, n) for n in os.listdir(ckpt_dir) if n.endswith("_final.pth")]
+    finals = []
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if name.endswith("_final.pth") and os.path.isfile(path):
+            finals.append(path)
+        elif os.path.isdir(path):
+            finals += [os.path.join(path, n) for n in os.listdir(path) if n.endswith("_final.pth")]
     return max(finals, key=lambda p: os.stat(p).st_mtime_ns) if finals else None
 
 
@@ -164,12 +176,17 @@ def gather_rng(device, world):
 
 # ---------------------------------------------------------------------------------- resuming
 
+def restarts():
+    """How often torchrun has restarted this group after a worker died (0 outside torchrun)."""
+    value = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return int(value) if value.isdigit() else 0
+
+
 def resume_requested(cfg):
     """(look for a checkpoint, one is required). A torchrun restart (after a worker died) always
     resumes, or its epochs would be run twice."""
     mode = cfg.checkpoint.resume
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
-    return mode is True or mode == "auto" or restarted, mode is True
+    return mode is True or mode == "auto" or restarts() > 0, mode is True
 
 
 def check_same_run(path, ckpt, model_args, dataset):
@@ -183,7 +200,7 @@ def check_same_run(path, ckpt, model_args, dataset):
         diff.insert(0, f"data.dataset={old_data} there, {dataset} now")
     if diff:
         raise UserError(f"checkpoint '{path}' is from another run ({'; '.join(diff)}); resume with that run's "
-                        f"config, or set checkpoint.dir to a new folder or checkpoint.resume=false")
+                        f"config, or start a new run (drop checkpoint.resume, or choose another run.name)")
 
 
 def rebase_to_global_batch(ckpt, tcfg, world, schedule, state):
@@ -232,22 +249,29 @@ class Checkpointer:
     a signal stops the run. Every rank calls it (the RNG states are gathered from all ranks);
     only rank 0 writes."""
 
-    def __init__(self, cfg, ctx, model_args):
-        self.cfg, self.ctx, self.model_args = cfg, ctx, model_args
-        self.dir = cfg.checkpoint.dir
+    def __init__(self, cfg, ctx, model_args, run):
+        self.cfg, self.ctx, self.model_args, self.run = cfg, ctx, model_args, run
+        self.dir = run.ckpt
         self.writer = ctx.rank == 0
         self.final_path = os.path.join(self.dir, final_weights_name(ctx.info.dataset, model_args["name"]))
+        self.resumed_config = None  # the config of the checkpoint a resume continued from
 
     def _write(self, name, payload):
+        """Atomic: a failed write (disk full, folder gone) leaves the last good file as it was."""
         path = os.path.join(self.dir, name)
         if self.writer:
-            save_checkpoint(path, payload)
+            try:
+                save_checkpoint(path, payload)
+            except OSError as e:
+                raise UserError(f"cannot write {path} ({e.strerror or e}); the last checkpoint written is intact: "
+                                f"free space or fix the folder, then continue with checkpoint.resume=true",
+                                code=1) from None
         return path
 
     def _common(self, t, state):
         return {"format": FORMAT, "model": strip_prefixes(t.raw.state_dict()), "model_args": self.model_args,
-                "data_info": self.ctx.info.to_dict(), "config": to_plain(self.cfg), "epoch": state.epoch,
-                "history": list(state.history)}
+                "data_info": self.ctx.info.to_dict(), "config": to_plain(self.cfg), "run": self.run.name,
+                "epoch": state.epoch, "history": list(state.history)}
 
     def training_payload(self, t, state, rng):
         return {**self._common(t, state), "ema": t.ema.state_dict() if t.ema is not None else None,
@@ -284,23 +308,19 @@ class Checkpointer:
     def resume(self, t, state):
         """Load the newest valid checkpoint into `t` and `state` when the config asks for it (rank
         0 picks the file; all ranks load it). Returns its path, or None for a fresh start."""
-        wanted, required = resume_requested(self.cfg)
-        if not wanted:
+        if not self.run.resume:
             return None
         ctx = self.ctx
         found = find_resume_checkpoint(self.dir, self.cfg.checkpoint.resume_epoch, ctx.logger) if self.writer else None
-        path = found[0] if found else None
-        if ctx.world > 1:
-            box = [path]
-            dist.broadcast_object_list(box, src=0)
-            path = box[0]
+        path = from_rank0(found[0] if found else None, ctx.world)
         if path is None:
-            if required:
+            if self.run.required:
                 raise UserError(f"checkpoint.resume=true but {self.dir} holds no readable checkpoint; "
-                                f"train without checkpoint.resume=true, or set checkpoint.dir")
+                                f"train without checkpoint.resume=true, or set run.name to another run")
             return None
         ckpt = found[1] if found else load_checkpoint(path)
         check_same_run(path, ckpt, self.model_args, ctx.info.dataset)
+        self.resumed_config = ckpt.get("config")
         if restore(ckpt, t, state, ctx.rank):
             ctx.logger.warning("the checkpoint holds no EMA weights (train.ema was off); the EMA starts from its "
                                "weights")

@@ -277,15 +277,54 @@ def load_raw(dataset, data_root, download=True, image_size=28, num_workers=0, lo
     return tx, ty, vx, vy, DataInfo(dataset, classes, mean, std, channels, digit_style, 28)
 
 
-def load_data(dcfg, image_size, device, logger=None):
-    """(train Split, test Split, DataInfo), limited to the first N images and moved to `device`."""
+@dataclass
+class Splits:
+    """The splits of a run: `val` is held out of the training set (data.val_split), or is the
+    test split itself when nothing is held out."""
+    train: Split
+    val: Split
+    test: Split
+    info: DataInfo
+
+    @property
+    def held_out(self):
+        return self.val is not self.test
+
+
+def hold_out(labels, fraction, seed):
+    """(train indices, val indices) of a stratified split: round(N * fraction) images, each class
+    giving its share (largest remainder), drawn with a generator fixed by `seed`."""
+    classes, counts = labels.unique(return_counts=True)
+    quota = counts.double() * fraction
+    take = quota.floor().long()
+    order = (quota - take).argsort(descending=True, stable=True)
+    take[order[:round(len(labels) * fraction) - int(take.sum())]] += 1
+    g = torch.Generator().manual_seed(seed * 7919 + 104729)
+    members = [(labels == c).nonzero().squeeze(1) for c in classes.tolist()]
+    val = torch.cat([idx[torch.randperm(len(idx), generator=g)[:k]] for idx, k in zip(members, take.tolist())])
+    val = val.sort().values
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    keep[val] = False
+    return keep.nonzero().squeeze(1), val
+
+
+def load_data(dcfg, image_size, device, seed=0, logger=None):
+    """The train / val / test Splits and the DataInfo: limited to the first N images, a stratified
+    validation part held out of the training set when data.val_split > 0, moved to `device`."""
     tx, ty, vx, vy, info = load_raw(dcfg.dataset, dcfg.data_root, dcfg.download, image_size, dcfg.num_workers, logger)
     if dcfg.train_limit:
         tx, ty = tx[:dcfg.train_limit], ty[:dcfg.train_limit]
     if dcfg.test_limit:
         vx, vy = vx[:dcfg.test_limit], vy[:dcfg.test_limit]
     to = lambda t: t.to(device, non_blocking=True).contiguous()  # noqa: E731
-    return Split(to(tx), to(ty)), Split(to(vx), to(vy)), info
+    test = Split(to(vx), to(vy))
+    if not dcfg.val_split:
+        return Splits(Split(to(tx), to(ty)), test, test, info)
+    keep, held = hold_out(ty, dcfg.val_split, seed)
+    if not len(held) or not len(keep):
+        raise DataError(f"data.val_split={dcfg.val_split} of {len(ty)} training images holds out {len(held)}; "
+                        f"choose a fraction that leaves images on both sides")
+    return Splits(Split(to(tx[keep]), to(ty[keep])), Split(to(tx[held]), to(ty[held])), test, info)
 
 
 # --------------------------------------------------------------------------------- batch transforms

@@ -19,6 +19,10 @@ import torch.distributed as dist
 from utils import UserError
 
 _GROUP = {}  # the store of this process's group; leave_group() waits on it
+# Exit codes 128-255 are those a retry may fix: Kubeflow's restartPolicy ExitCode restarts the pods
+# for them and fails the job at once for 1-127 (a bad config or bad data fails the same way again).
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: stopped by a signal in a k8s pod, resumable
+EXIT_LOST_PEER = 200  # another rank died or stopped answering
 
 
 def dist_env(local_rank_flag=None):
@@ -112,6 +116,15 @@ def lost_peer(e, world):
     """A collective that failed because another rank died or hung: not a bug of this rank."""
     markers = ("Connection closed by peer", "Connection reset by peer", "Timed out waiting", "timed out")
     return world > 1 and (isinstance(e, getattr(dist, "DistError", ())) or any(m in str(e) for m in markers))
+
+
+def from_rank0(value, world):
+    """Rank 0's `value` (any picklable object) on every rank."""
+    if world == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def all_reduce_(tensor, world):

@@ -7,12 +7,10 @@
 
 One code path serves every world size: the data is sharded by rank, metrics are all-reduced
 sums, and only rank 0 writes files. The file reads top to bottom: arguments, building the run,
-the epoch, evaluation, the loop, plots.
+the epoch, evaluation, the loop; runs.py keeps what a run leaves behind.
 """
 import argparse
 import contextlib
-import io
-import json
 import math
 import os
 import sys
@@ -25,11 +23,12 @@ from omegaconf import OmegaConf
 
 from checkpoint import Checkpointer, TrainState, load_trained, newest_final
 from data import NO_FLIP, augment, batch_generator, epoch_permutation, load_data, mix_batch, normalize, shard_bounds
-from launch import (StopSignal, all_reduce_, check_local_launch, close_group, dist_env, init_distributed,
-                    launch_local, leave_group, lost_peer, split_cpu_threads)
+from launch import (EXIT_LOST_PEER, EXIT_PREEMPTED, StopSignal, all_reduce_, check_local_launch, close_group, dist_env,
+                    from_rank0, init_distributed, launch_local, leave_group, lost_peer, split_cpu_threads)
 from model import ModelEMA, build_model, model_args_from_config
-from utils import (UserError, append_line, atomic_write_bytes, exit_with, load_config, print_error,
-                   resolve_device, seed_everything, setup_logging, timestamp, to_plain, user_errors, write_metrics)
+from runs import Loggers, Progress, RunLock, choose_run, open_outputs, plot_confusion
+from utils import (UserError, ensure_writable, exit_with, load_config, print_error, resolve_device, seed_everything,
+                   setup_logging, user_errors)
 
 
 def parse_args(argv=None):
@@ -198,7 +197,7 @@ def setup(cfg, args, rank, world, local_rank):
     """Device, process group, logging, threads. Returns (device, logger)."""
     device = resolve_device(cfg.train.device, args.no_mps, local_rank)
     init_distributed(cfg, device, rank, world)
-    logger = setup_logging(cfg.log.dir, rank, cfg.log.level)
+    logger = setup_logging(rank, cfg.log.level)
     split_cpu_threads(device)
     return device, logger
 
@@ -243,7 +242,7 @@ def optimizer_step(t, tcfg):
         t.ema.update()
 
 
-def train_one_epoch(t, split, ctx, state, stop, bar=None):
+def train_one_epoch(t, split, ctx, state, stop, progress=None):
     """Train from state.step to the end of epoch state.epoch+1. Returns True if stopped early by a
     signal (at an optimizer-step boundary). Metrics stay on the device until the epoch ends."""
     tcfg, dev = ctx.cfg.train, ctx.device
@@ -264,10 +263,9 @@ def train_one_epoch(t, split, ctx, state, stop, bar=None):
         if boundary:
             optimizer_step(t, tcfg)
         state.step = step + 1
+        if progress is not None:
+            progress.update(state.step, sums, t.schedule.lr())
         at_interval = (step + 1) % tcfg.log_interval == 0
-        if bar is not None and at_interval:
-            bar.update(tcfg.log_interval)
-            bar.set_postfix(loss=f"{(sums[0] / sums[2].clamp_min(1)).item():.4f}", lr=f"{t.schedule.lr():.2e}")
         if boundary and (ctx.world == 1 or at_interval) and stop.agreed(dev, ctx.world):
             state.sums = all_reduce_(sums, ctx.world).tolist()
             return True
@@ -278,25 +276,18 @@ def train_one_epoch(t, split, ctx, state, stop, bar=None):
 def run_epoch(t, ctx, state, split, stop):
     """Train the rest of epoch state.epoch+1 and time it. Returns the training images/s of what
     ran, or None when a signal stopped it mid-epoch."""
-    bar = _progress(ctx.rank, state.epoch + 1, ctx.cfg.train.epochs, ctx.steps_per_epoch, state.step)
+    progress = Progress(ctx, state) if ctx.rank == 0 else None
     t0, start_step = time.perf_counter(), state.step
-    interrupted = train_one_epoch(t, split, ctx, state, stop, bar)
+    interrupted = train_one_epoch(t, split, ctx, state, stop, progress)
     if ctx.device.type == "cuda":
         torch.cuda.synchronize(ctx.device)
     seconds = time.perf_counter() - t0
     state.partial_time += seconds
-    if bar is not None:
-        bar.close()
+    if progress is not None:
+        progress.close()
     if interrupted:
         return None
     return (ctx.steps_per_epoch - start_step) * ctx.cfg.train.batch_size * ctx.world / max(seconds, 1e-9)
-
-
-def _progress(rank, epoch, epochs, total, initial):
-    if rank != 0 or not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-    return tqdm(total=total, initial=initial, desc=f"epoch {epoch}/{epochs}", leave=False, dynamic_ncols=True)
 
 
 # ------------------------------------------------------------------------------------ evaluation
@@ -328,29 +319,44 @@ def evaluate(model, split, ctx, image_size, eval_batch_size):
             "n": n, "confusion": confusion}
 
 
-def epoch_record(t, ctx, state, test, images_per_s):
+def epoch_record(t, ctx, state, val, images_per_s):
     """The metrics.jsonl line of the epoch that just finished training (evaluated here)."""
     cfg, t1 = ctx.cfg, time.perf_counter()
-    val = evaluate(t.raw, test, ctx, cfg.model.image_size, cfg.train.eval_batch_size)
-    ema_val = evaluate(t.ema.module, test, ctx, cfg.model.image_size, cfg.train.eval_batch_size) if t.ema else None
+    res = evaluate(t.raw, val, ctx, cfg.model.image_size, cfg.train.eval_batch_size)
+    ema = evaluate(t.ema.module, val, ctx, cfg.model.image_size, cfg.train.eval_batch_size) if t.ema else None
     loss_sum, correct, n = state.sums
     return {"epoch": state.epoch + 1, "train_loss": loss_sum / max(n, 1), "train_acc": correct / max(n, 1),
-            "val_loss": val["loss"], "val_acc": val["acc"],
-            **({"ema_val_loss": ema_val["loss"], "ema_val_acc": ema_val["acc"]} if ema_val else {}),
+            "val_loss": res["loss"], "val_acc": res["acc"],
+            **({"ema_val_loss": ema["loss"], "ema_val_acc": ema["acc"]} if ema else {}),
             "lr": t.schedule.lr(), "epoch_time_s": round(state.partial_time, 3),
             "images_per_s": round(images_per_s, 1), "eval_time_s": round(time.perf_counter() - t1, 3),
-            "world_size": ctx.world}
+            "val_images": res["n"], "world_size": ctx.world}
+
+
+def test_result(t, ctx, state, splits):
+    """The test split, once, with the weights infer.py uses (EMA when kept). Without a held-out
+    validation part the last epoch's evaluation was already on the test split."""
+    prefix = "ema_val" if t.ema else "val"
+    last = state.history[-1]
+    if not splits.held_out:
+        return {"test_loss": last[f"{prefix}_loss"], "test_acc": last[f"{prefix}_acc"],
+                "test_images": last["val_images"]}
+    cfg = ctx.cfg
+    res = evaluate(t.ema.module if t.ema else t.raw, splits.test, ctx, cfg.model.image_size, cfg.train.eval_batch_size)
+    return {"test_loss": res["loss"], "test_acc": res["acc"], "test_images": res["n"]}
 
 
 def run_eval(cfg, args, rank, world, local_rank):
     path = args.checkpoint or newest_final(cfg.checkpoint.dir)
     if path is None:
         raise UserError(f"--eval needs --checkpoint PATH (no *_final.pth in {cfg.checkpoint.dir})")
+    if os.path.isdir(path):
+        path = newest_final(path) or path
     model, ckpt, kind = load_trained(path)  # a bad file stops here, before any process group
     device, logger = setup(cfg, args, rank, world, local_rank)
     info_d, margs = ckpt["data_info"], ckpt["model_args"]
-    dcfg = OmegaConf.merge(cfg.data, {"dataset": info_d["dataset"], "train_limit": 1})
-    _, test, info = load_data(dcfg, margs["image_size"], device, logger)
+    dcfg = OmegaConf.merge(cfg.data, {"dataset": info_d["dataset"], "train_limit": 1, "val_split": 0.0})
+    test, info = (lambda s: (s.test, s.info))(load_data(dcfg, margs["image_size"], device, logger=logger))
     info.mean, info.std, info.classes = tuple(info_d["mean"]), tuple(info_d["std"]), info_d["classes"]
     ctx = RunCtx(cfg, device, rank, world, info, amp_dtype_for(cfg.train.amp, device), 0, logger)
     res = evaluate(model.to(device), test, ctx, margs["image_size"], cfg.train.eval_batch_size)
@@ -395,71 +401,102 @@ def close_epoch(state, record, tcfg):
         state.best_val_acc, state.bad_epochs = score, 0
     else:
         state.bad_epochs += 1
-    return improved, tcfg.early_stop_patience > 0 and state.bad_epochs >= tcfg.early_stop_patience
+    return improved, finished(state, tcfg)
+
+
+def finished(state, tcfg):
+    """All epochs done, or early stopping has ended the run."""
+    early = tcfg.early_stop_patience > 0 and state.bad_epochs >= tcfg.early_stop_patience
+    return state.epoch >= tcfg.epochs or early
 
 
 def train_loop(t, ctx, state, splits, out):
     """Epochs until done, early-stopped or signalled; returns the exit code. In a PyTorchJob a pod
-    that exits 0 counts as done, so a stopped k8s run exits 143 (128 + SIGTERM) and is restarted."""
+    that exits 0 counts as done, so a stopped k8s run exits EXIT_PREEMPTED and is restarted."""
     tcfg, logger = ctx.cfg.train, ctx.logger
-    stopped_code = 143 if ctx.cfg.environment == "k8s" else 0
+    stopped_code = EXIT_PREEMPTED if ctx.cfg.environment == "k8s" else 0
     while state.epoch < tcfg.epochs:
-        images_per_s = run_epoch(t, ctx, state, splits[0], out.stop)
+        images_per_s = run_epoch(t, ctx, state, splits.train, out.stop)
         if images_per_s is None:
             path = out.ckpt.interrupted(t, state)
             logger.info(f"stopped by signal at epoch {state.epoch + 1}, step {state.step}/{ctx.steps_per_epoch}; "
                         f"saved {path}. Continue with checkpoint.resume=true")
             return stopped_code
-        record = epoch_record(t, ctx, state, splits[1], images_per_s)
-        improved, early = close_epoch(state, record, tcfg)
-        stopping = not early and state.epoch < tcfg.epochs and out.stop.agreed(ctx.device, ctx.world)
-        out.ckpt.end_of_epoch(t, state, improved, last=state.epoch == tcfg.epochs or early or stopping)
+        record = epoch_record(t, ctx, state, splits.val, images_per_s)
+        improved, done = close_epoch(state, record, tcfg)
+        stopping = not done and out.stop.agreed(ctx.device, ctx.world)
+        out.ckpt.end_of_epoch(t, state, improved, last=done or stopping)
         out.loggers.epoch(record, state.history)
-        if early:
+        if done and state.epoch < tcfg.epochs:
             logger.info(f"early stop: val_acc has not improved by {tcfg.early_stop_min_delta} for "
                         f"{state.bad_epochs} epochs")
-            break
         if stopping:
             logger.info(f"stopped by signal after epoch {state.epoch}; continue with checkpoint.resume=true")
             return stopped_code
+        if done:
+            break
     path = out.ckpt.final(t, state)
-    out.loggers.done(state.history, path, t.ema is not None)
+    out.loggers.done(state, test_result(t, ctx, state, splits), path, "EMA" if t.ema else "raw")
     return 0
 
 
-def prepare_outputs(cfg, state, resumed):
-    """Rank 0, before the first epoch: the resolved config, and a metrics.jsonl that holds exactly
-    the epochs the run has done."""
-    os.makedirs(cfg.checkpoint.dir, exist_ok=True)
-    atomic_write_bytes(os.path.join(cfg.log.dir, "config.yaml"), OmegaConf.to_yaml(cfg).encode())
-    metrics = os.path.join(cfg.log.dir, "metrics.jsonl")
-    if resumed:
-        write_metrics(metrics, state.history)  # drop lines of epochs the checkpoint does not hold
-    elif os.path.exists(metrics) and os.path.getsize(metrics):
-        os.replace(metrics, os.path.join(cfg.log.dir, f"metrics.{timestamp()}.jsonl"))
+def open_run(cfg, logger, rank, world):
+    """The run folder all ranks write to (rank 0 chooses it, checks that it can write there and
+    locks it), and rank 0's lock. A refusal is raised on every rank."""
+    run, lock = None, None
+    if rank == 0:
+        try:
+            run = choose_run(cfg, logger)
+            ensure_writable(run.ckpt, "checkpoint.dir")
+            ensure_writable(run.log, "log.dir")
+            lock = RunLock(run.ckpt)
+        except UserError as e:
+            run = e
+    run = from_rank0(run, world)
+    if isinstance(run, UserError):
+        raise run
+    return run, lock
 
 
 def run_train(cfg, args, rank, world, local_rank):
     device, logger = setup(cfg, args, rank, world, local_rank)
-    train, test, info = load_data(cfg.data, cfg.model.image_size, device, logger)
+    run, lock = open_run(cfg, logger, rank, world)
+    try:
+        return train_run(cfg, (device, logger, rank, world), run, lock)
+    finally:
+        if lock is not None:
+            lock.release(run)
+
+
+def train_run(cfg, where, run, lock):
+    """Data, model, resume, then the loop; nothing is written before the run is known to train."""
+    device, logger, rank, world = where
+    splits = load_data(cfg.data, cfg.model.image_size, device, cfg.train.seed, logger)
     global_batch = cfg.train.batch_size * world
-    ctx = RunCtx(cfg, device, rank, world, info, amp_dtype_for(cfg.train.amp, device),
-                 count_steps(len(train), global_batch), logger)
-    model_args = model_args_from_config(cfg.model, info.in_channels, len(info.classes))
-    t, state, ckpt = build_training(cfg, ctx, model_args), TrainState(), Checkpointer(cfg, ctx, model_args)
+    ctx = RunCtx(cfg, device, rank, world, splits.info, amp_dtype_for(cfg.train.amp, device),
+                 count_steps(len(splits.train), global_batch), logger)
+    model_args = model_args_from_config(cfg.model, splits.info.in_channels, len(splits.info.classes))
+    t, state, ckpt = build_training(cfg, ctx, model_args), TrainState(), Checkpointer(cfg, ctx, model_args, run)
     resumed = ckpt.resume(t, state)
+    if resumed and finished(state, cfg.train):
+        logger.info(f"run '{run.name}' has finished ({state.epoch} epochs; train.epochs={cfg.train.epochs}): nothing "
+                    f"to train, no file changed. To train it further raise train.epochs; for a new run drop "
+                    f"checkpoint.resume or choose another run.name")
+        return 0
     if rank == 0:
-        prepare_outputs(cfg, state, resumed)
+        lock.claim()
+        open_outputs(cfg, run, state, ckpt.resumed_config, logger)
     nparams = sum(p.numel() for p in t.raw.parameters())
-    logger.info(f"{info.dataset}: {len(train)} train / {len(test)} test images on {device}, world size {world}; "
+    logger.info(f"run {run.name}: {splits.info.dataset} {len(splits.train)} train / {len(splits.val)} "
+                f"{'val (held out)' if splits.held_out else 'test'} images on {device}, world size {world}; "
                 f"{model_args['name']} with {nparams / 1e6:.2f}M parameters; global batch {global_batch}, "
                 f"{ctx.steps_per_epoch} steps/epoch"
                 + (f"; resumed from {resumed} (epoch {state.epoch}, step {state.step})" if resumed else ""))
     wrap_ddp(t, ctx)
-    out = Outputs(ckpt, Loggers(cfg, logger, rank == 0), StopSignal())
+    out = Outputs(ckpt, Loggers(cfg, run, logger, rank == 0), StopSignal())
     out.stop.install()
     try:
-        return train_loop(t, ctx, state, (train, test), out)
+        return train_loop(t, ctx, state, splits, out)
     finally:
         out.stop.uninstall()
         out.loggers.close()
@@ -480,7 +517,7 @@ def run(args, rank, world, local_rank):
             raise
         print(f"error (rank {rank}): another rank failed or stopped answering ({str(e).splitlines()[0][:160]}); "
               f"its own error, printed above or in its log, is the cause", file=sys.stderr, flush=True)
-        return 1
+        return EXIT_LOST_PEER
     finally:
         close_group()
 
@@ -502,114 +539,6 @@ def main(argv=None):
         check_local_launch(args.num_gpus, device, cfg.train.device)
         return launch_local(run, args, args.num_gpus, cfg.distributed.master_port)
     return run(args, rank, world, local_rank)
-
-
-# ----------------------------------------------------------------------------------------- plots
-
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")  # files only; never needs a display
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def _save_figure(fig, path):
-    """PNG written atomically: a reader never sees half a plot."""
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    _pyplot().close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def plot_curves(history, path):
-    """Loss, accuracy and lr against epoch, written atomically."""
-    plt = _pyplot()
-    ep = [r["epoch"] for r in history]
-    fig, ax = plt.subplots(1, 3, figsize=(14, 4))
-    for i, key in enumerate(("loss", "acc")):
-        ax[i].plot(ep, [r[f"train_{key}"] for r in history], "o-", label="train")
-        ax[i].plot(ep, [r[f"val_{key}"] for r in history], "o-", label="val")
-        ax[i].set_title("loss" if key == "loss" else "accuracy")
-        ax[i].legend()
-    ax[2].plot(ep, [r["lr"] for r in history], "o-")
-    ax[2].set_title("learning rate (end of epoch)")
-    for a in ax:
-        a.set_xlabel("epoch")
-        a.grid(alpha=0.3)
-    _save_figure(fig, path)
-
-
-def plot_confusion(confusion, classes, title, path):
-    plt = _pyplot()
-    C = len(classes)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * C, 0.8 + 0.6 * C))
-    ax.imshow(confusion.numpy(), cmap="Blues")
-    for i in range(C):
-        for j in range(C):
-            v = int(confusion[i, j])
-            ax.text(j, i, str(v), ha="center", va="center", fontsize=7,
-                    color="white" if v > confusion.max() / 2 else "black")
-    ax.set_xticks(range(C), classes, rotation=45, ha="right")
-    ax.set_yticks(range(C), classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    _save_figure(fig, path)
-
-
-class Loggers:
-    """Rank 0's record of the run: metrics.jsonl, TensorBoard, SwanLab, the curves and the log lines."""
-
-    def __init__(self, cfg, logger, enabled):
-        self.cfg, self.logger, self.enabled, self.tb, self.swan = cfg, logger, enabled, None, None
-        self.metrics_path = os.path.join(cfg.log.dir, "metrics.jsonl")
-        self.curves_path = os.path.join(cfg.checkpoint.dir, "training_curves.png")
-        if enabled and cfg.log.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(os.path.join(cfg.log.dir, "tensorboard"))
-            except ImportError:
-                logger.warning("log.tensorboard=true but tensorboard is not installed; pip install tensorboard, "
-                               "or set log.tensorboard=false")
-        if enabled and cfg.log.swanlab:
-            try:
-                import swanlab
-                self.swan = swanlab.init(project=cfg.log.swanlab_project, config=to_plain(cfg))
-            except ImportError:
-                logger.warning("log.swanlab=true but swanlab is not installed; pip install swanlab, "
-                               "or set log.swanlab=false")
-
-    def epoch(self, record, history):
-        if not self.enabled:
-            return
-        append_line(self.metrics_path, json.dumps(record))
-        if self.tb is not None:
-            for k, v in record.items():
-                if k != "epoch" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, record["epoch"])
-            self.tb.flush()
-        if self.swan is not None:
-            import swanlab
-            swanlab.log({k: v for k, v in record.items() if k != "epoch"}, step=record["epoch"])
-        plot_curves(history, self.curves_path)
-        r = record
-        self.logger.info(f"epoch {r['epoch']}/{self.cfg.train.epochs} train_loss {r['train_loss']:.4f} train_acc "
-                         f"{r['train_acc']:.4f} val_loss {r['val_loss']:.4f} val_acc {r['val_acc']:.4f} "
-                         + (f"ema_val_acc {r['ema_val_acc']:.4f} " if "ema_val_acc" in r else "")
-                         + f"lr {r['lr']:.2e} {r['epoch_time_s']:.1f}s {r['images_per_s']:.0f} img/s")
-
-    def done(self, history, path, ema):
-        if not self.enabled or not history:
-            return
-        plot_curves(history, self.curves_path)
-        key = "ema_val_acc" if ema else "val_acc"
-        best = max(r.get(key, r["val_acc"]) for r in history)
-        self.logger.info(f"done: final {key} {history[-1].get(key, 0.0):.4f} (best {best:.4f}); weights in {path}")
-
-    def close(self):
-        if self.tb is not None:
-            self.tb.close()
 
 
 if __name__ == "__main__":

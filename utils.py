@@ -6,6 +6,8 @@ the fix; the entry points print it and exit non-zero without a traceback.
 import functools
 import json
 import logging
+import logging.handlers
+import math
 import os
 import random
 import sys
@@ -42,6 +44,7 @@ CHOICES = {
     "log.level": ("DEBUG", "INFO", "WARNING"),
     "distributed.backend": ("auto", "nccl", "gloo"),
 }
+MAY_BE_EMPTY = {"run.name", "model.init_from"}  # "" means: choose for me / none
 # key -> (lowest allowed, lowest is inclusive, highest allowed, highest is inclusive)
 RANGES = {
     "data.num_workers": (0, True, 64, True), "data.train_limit": (0, True, None, None),
@@ -49,6 +52,7 @@ RANGES = {
     "data.crop_padding": (0, True, 32, True), "data.random_erasing": (0, True, 1, True),
     "data.mixup_alpha": (0, True, None, None), "data.cutmix_alpha": (0, True, None, None),
     "data.mix_off_epoch": (0, True, None, None), "data.rotate": (0, True, 180, True),
+    "data.val_split": (0, True, 1, False), "log.progress_s": (0, True, None, None),
     "data.scale": (0, True, 0.5, True),
     "model.image_size": (1, True, 1024, True), "model.patch_size": (1, True, None, None),
     "model.dim": (1, True, None, None), "model.depth": (1, True, None, None), "model.heads": (1, True, None, None),
@@ -139,10 +143,12 @@ def _check_value(key, value, default):
     elif isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"{key}={value!r} has the wrong type; expected a number")
+        if not math.isfinite(value):  # every comparison with NaN is false: no range check would catch it
+            raise UserError(f"{key}={value!r} is not a finite number; give a plain number such as {default!r}")
     elif isinstance(default, str):
         if not isinstance(value, str):
             raise UserError(f"{key}={value!r} has the wrong type; expected a string")
-        if not value:
+        if not value and key not in MAY_BE_EMPTY:
             raise UserError(f"{key} is empty; give it a value")
     if key in RANGES:
         lo, lo_inc, hi, hi_inc = RANGES[key]
@@ -154,10 +160,23 @@ def _check_value(key, value, default):
             raise UserError(f"{key}={value!r} is out of range; it must be {' and '.join(s for s in (lo_s, hi_s) if s)}")
 
 
+def _resolved(cfg, schema):
+    """Every key's value with ${...} interpolations resolved; one that cannot be resolved is a
+    UserError naming the key."""
+    values = {}
+    for key in schema:
+        try:
+            values[key] = OmegaConf.select(cfg, key, throw_on_missing=True)
+        except Exception as e:
+            raise UserError(f"{key}: its value cannot be resolved ({str(e).splitlines()[0]}); write a plain value "
+                            f"or a ${{...}} that names an existing key") from None
+    return values
+
+
 def validate_config(cfg, schema):
     """Types, ranges and the cross-key rules against `schema` (key -> default). Raises UserError
     naming the key."""
-    values = dict(_leaves(OmegaConf.to_container(cfg, resolve=True)))
+    values = _resolved(cfg, schema)
     for key, default in schema.items():
         _check_value(key, values.get(key), default)
     m = cfg.model
@@ -212,7 +231,7 @@ def load_config(config_file=None, overrides=(), extra=None):
     _check_known(cli, schema, "the command line")
     layers_cli = [cli] + ([extra] if extra else [])
     merged = OmegaConf.merge(*layers)
-    env = OmegaConf.merge(merged, *layers_cli).get("environment")
+    env = _resolved(OmegaConf.merge(merged, *layers_cli), ["environment"])["environment"]
     if env not in CHOICES["environment"]:
         raise UserError(f"environment={env!r} is not allowed; choose one of: {'|'.join(CHOICES['environment'])}")
     profile = OmegaConf.to_container(merged.profiles).get(env) or {}
@@ -221,6 +240,7 @@ def load_config(config_file=None, overrides=(), extra=None):
         if "off" in choices and OmegaConf.select(cfg, key) is False:
             OmegaConf.update(cfg, key, "off")
     validate_config(cfg, schema)
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))  # resolved once: a value never changes later
     OmegaConf.set_readonly(cfg, True)
     return cfg
 
@@ -241,27 +261,61 @@ class _RankFilter(logging.Filter):
         return True
 
 
-def setup_logging(log_dir, rank, level="INFO"):
-    """Rank 0 logs to the console and <log_dir>/train.log; other ranks print warnings only."""
+_LOG_FORMAT = logging.Formatter("%(asctime)s rank%(rank)d %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+
+
+def setup_logging(rank, level="INFO"):
+    """Rank 0 logs to the console; other ranks print warnings only. Until log_to_file() names the
+    run's file, rank 0's lines are also kept in memory, so the file gets the start-up lines too."""
     logger = logging.getLogger("vit_toolkit")
+    for h in logger.handlers:
+        h.close()
     logger.handlers.clear()
     logger.setLevel(getattr(logging, level))
     logger.propagate = False
-    fmt = logging.Formatter("%(asctime)s rank%(rank)d %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
     console = logging.StreamHandler(sys.stdout)
     console.setLevel(getattr(logging, level) if rank == 0 else logging.WARNING)
-    handlers = [console]
-    if rank == 0 and log_dir:
-        os.makedirs(log_dir, exist_ok=True)
-        handlers.append(logging.FileHandler(os.path.join(log_dir, "train.log")))
-    for h in handlers:
-        h.setFormatter(fmt)
-        h.addFilter(_RankFilter(rank))
-        logger.addHandler(h)
+    console.setFormatter(_LOG_FORMAT)
+    console.addFilter(_RankFilter(rank))
+    logger.addHandler(console)
+    if rank == 0:
+        logger.addHandler(logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1))
+    logger.rank = rank
     return logger
 
 
+def log_to_file(logger, path):
+    """Also append the log to `path` (rank 0's train.log of the run), starting with the lines kept so far."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(_LOG_FORMAT)
+    handler.addFilter(_RankFilter(logger.rank))
+    for kept in [h for h in logger.handlers if isinstance(h, logging.handlers.MemoryHandler)]:
+        kept.setTarget(handler)
+        kept.close()  # flushes into the file
+        logger.removeHandler(kept)
+    logger.addHandler(handler)
+
+
 # ---------------------------------------------------------------------------------- atomic files
+
+def ensure_writable(folder, key):
+    """Create `folder` and prove that a file can be written in it, before any work depends on it.
+    `key` names the setting that chose the folder, for the message."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write_test.{os.getpid()}")
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+            f.flush()
+            os.fsync(f.fileno())
+        os.remove(probe)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"{key}: {folder} is not a folder (a file is in the way); choose another path",
+                        code=1) from None
+    except OSError as e:
+        raise UserError(f"{key}: cannot write in {folder} ({e.strerror or e}); choose a writable folder with "
+                        f"free space", code=1) from None
+
 
 def atomic_write_bytes(path, data):
     """Write to a temporary file in the same folder, fsync, then rename over `path`: a reader

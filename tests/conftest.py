@@ -84,11 +84,14 @@ def run_cli(args, cwd=ROOT, timeout=600, env=None):
                           env=full_env)
 
 
+RUN = "t"  # the run name small_run_args gives: outputs in <tmp>/ckpt/t and <tmp>/logs/t
+
+
 def small_run_args(tmp_path, data_root, *extra):
-    """Overrides for a quick CPU run on a synthetic set, with outputs in tmp_path."""
+    """Overrides for a quick CPU run on a synthetic set, with outputs in tmp_path/{ckpt,logs}/t."""
     return [f"data.data_root={data_root}", f"checkpoint.dir={tmp_path}/ckpt", f"log.dir={tmp_path}/logs",
-            "train.device=cpu", "train.batch_size=32", "model.dim=32", "model.depth=2", "model.heads=2",
-            "log.tensorboard=false", "train.eval_batch_size=64", *extra]
+            f"run.name={RUN}", "train.device=cpu", "train.batch_size=32", "model.dim=32", "model.depth=2",
+            "model.heads=2", "log.tensorboard=false", "train.eval_batch_size=64", *extra]
 
 
 # ------------------------------------------------------------------------------- a run's outputs

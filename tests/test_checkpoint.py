@@ -12,6 +12,7 @@ import train
 from checkpoint import Checkpointer, TrainState, find_resume_checkpoint, load_checkpoint, load_trained
 from conftest import TINY_VIT, tiny_weights_file
 from data import DataInfo
+from runs import RunDir
 from utils import UserError, atomic_write_bytes, load_config
 
 STEPS = 10  # steps per epoch of the fake run below
@@ -24,6 +25,12 @@ def make_run(tmp_path, *overrides):
     info = DataInfo("mnist", [str(i) for i in range(10)], (0.1307,), (0.3081,), 1, True, 28)
     ctx = train.RunCtx(cfg, torch.device("cpu"), 0, 1, info, None, STEPS, logging.getLogger("test"))
     return cfg, ctx, train.build_training(cfg, ctx, dict(TINY_VIT))
+
+
+def saver(tmp_path, cfg, ctx, model_args=None, resume=False, required=False):
+    """The Checkpointer of a run whose checkpoints go straight to tmp_path/ckpt."""
+    run = RunDir("t", str(tmp_path / "ckpt"), str(tmp_path / "logs"), resume, required)
+    return Checkpointer(cfg, ctx, dict(model_args or TINY_VIT), run)
 
 
 def take_steps(t, n):
@@ -54,18 +61,18 @@ def test_atomic_write_survives_a_crash_mid_write(tmp_path, monkeypatch):
 
 def test_save_policy_writes_keeps_and_prunes(tmp_path):
     cfg, ctx, t = make_run(tmp_path, "checkpoint.keep_last=2", "checkpoint.save_every=2", "train.epochs=5")
-    saver = Checkpointer(cfg, ctx, dict(TINY_VIT))
+    ckpt = saver(tmp_path, cfg, ctx)
     for epoch in range(1, 6):
         state = trained_state(t, epoch)
-        saver.end_of_epoch(t, state, improved=epoch == 3, last=epoch == 5)
+        ckpt.end_of_epoch(t, state, improved=epoch == 3, last=epoch == 5)
     state.step = 7
-    saver.interrupted(t, state)
+    ckpt.interrupted(t, state)
     names = sorted(os.listdir(tmp_path / "ckpt"))
     assert names == ["best.pth", "epoch_004.pt", "epoch_005.pt", "epoch_005_step000007.pt"]  # 2 was pruned
     assert load_checkpoint(str(tmp_path / "ckpt" / "best.pth"))["epoch"] == 3
-    saver.end_of_epoch(t, TrainState(epoch=6), improved=False, last=True)  # a new epoch supersedes the step file
+    ckpt.end_of_epoch(t, TrainState(epoch=6), improved=False, last=True)  # a new epoch supersedes the step file
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["best.pth", "epoch_005.pt", "epoch_006.pt"]
-    path = saver.final(t, state)
+    path = ckpt.final(t, state)
     assert os.path.basename(path) == "mnist_transformer_final.pth"
     final = load_checkpoint(path)
     assert "optimizer" not in final and final["model_args"] == TINY_VIT and final["data_info"]["dataset"] == "mnist"
@@ -75,16 +82,15 @@ def test_resume_restores_every_object_exactly(tmp_path):
     cfg, ctx, t = make_run(tmp_path, "train.ema=true", "model.stem=conv")
     model_args = dict(TINY_VIT, stem="conv")
     t = train.build_training(cfg, ctx, model_args)
-    saver = Checkpointer(cfg, ctx, model_args)
     state = trained_state(t, 2)
     state.step, state.sums, state.partial_time = 4, [1.5, 3.0, 8.0], 2.5
     torch.manual_seed(123)
-    saver.interrupted(t, state)
+    saver(tmp_path, cfg, ctx, model_args).interrupted(t, state)
     after = torch.rand(3)  # what the RNG gives next in the run that was stopped
-    cfg2, ctx2, fresh = make_run(tmp_path, "train.ema=true", "model.stem=conv", "checkpoint.resume=true")
+    cfg2, ctx2, fresh = make_run(tmp_path, "train.ema=true", "model.stem=conv")
     fresh = train.build_training(cfg2, ctx2, model_args)
     state2 = TrainState()
-    path = Checkpointer(cfg2, ctx2, model_args).resume(fresh, state2)
+    path = saver(tmp_path, cfg2, ctx2, model_args, resume=True).resume(fresh, state2)
     assert os.path.basename(path) == "epoch_002_step000004.pt"
     assert state2 == state
     assert torch.equal(torch.rand(3), after)
@@ -98,9 +104,9 @@ def test_resume_restores_every_object_exactly(tmp_path):
 
 def test_corrupt_newest_checkpoint_falls_back(tmp_path):
     cfg, ctx, t = make_run(tmp_path)
-    saver = Checkpointer(cfg, ctx, dict(TINY_VIT))
+    ckpt = saver(tmp_path, cfg, ctx)
     for epoch in (1, 2):
-        saver.end_of_epoch(t, trained_state(t, epoch), improved=False, last=False)
+        ckpt.end_of_epoch(t, trained_state(t, epoch), improved=False, last=False)
     newest = tmp_path / "ckpt" / "epoch_002.pt"
     newest.write_bytes(newest.read_bytes()[:1000])
     logger = logging.getLogger("test")
@@ -111,11 +117,10 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path):
 
 
 def test_resume_true_with_nothing_to_resume_names_the_folder(tmp_path):
-    cfg, ctx, t = make_run(tmp_path, "checkpoint.resume=true")
+    cfg, ctx, t = make_run(tmp_path)
     with pytest.raises(UserError, match=r"checkpoint.resume=true but .*ckpt holds no readable checkpoint"):
-        Checkpointer(cfg, ctx, dict(TINY_VIT)).resume(t, TrainState())
-    cfg, ctx, t = make_run(tmp_path, "checkpoint.resume=auto")
-    assert Checkpointer(cfg, ctx, dict(TINY_VIT)).resume(t, TrainState()) is None  # auto: a fresh start
+        saver(tmp_path, cfg, ctx, resume=True, required=True).resume(t, TrainState())
+    assert saver(tmp_path, cfg, ctx, resume=True).resume(t, TrainState()) is None  # auto: a fresh start
 
 
 def test_another_runs_checkpoint_is_refused_but_new_dropout_is_not(tmp_path):
@@ -125,7 +130,7 @@ def test_another_runs_checkpoint_is_refused_but_new_dropout_is_not(tmp_path):
         checkpoint.check_same_run("p", ckpt, dict(TINY_VIT, depth=3), "fashion_mnist")
     msg = str(e.value)
     assert "data.dataset=mnist there, fashion_mnist now" in msg and "model.depth=2 there, 3 now" in msg
-    assert "checkpoint.dir" in msg and "\n" not in msg
+    assert "run.name" in msg and "\n" not in msg
 
 
 def test_a_new_global_batch_rebases_position_and_schedule(tmp_path):

@@ -18,7 +18,7 @@ import data
 import infer
 import train
 from checkpoint import load_checkpoint
-from conftest import ROOT, idx_bytes, small_run_args, write_cifar_set, write_idx_set
+from conftest import ROOT, RUN, idx_bytes, small_run_args, write_cifar_set, write_idx_set
 from data import (TRIVIAL_OPS, DataError, augment, batch_generator, epoch_permutation, load_raw, mix_batch, normalize,
                   random_erasing, read_idx, shard_bounds, trivial_augment)
 
@@ -260,7 +260,7 @@ def test_folder_dataset_trains_evaluates_and_predicts(tmp_path, capsys):
     args = small_run_args(tmp_path, root, "data.dataset=folder", "model.image_size=16", "model.patch_size=4",
                           "train.batch_size=8", "train.epochs=3", "data.test_limit=0")
     assert train.main(args) == 0
-    ckpt = str(tmp_path / "ckpt" / "folder_transformer_final.pth")
+    ckpt = str(tmp_path / "ckpt" / RUN / "folder_transformer_final.pth")
     saved = load_checkpoint(ckpt)
     assert saved["data_info"]["classes"] == ["blue", "red"] and saved["model_args"]["in_channels"] == 3
     history = saved["history"]
@@ -269,7 +269,7 @@ def test_folder_dataset_trains_evaluates_and_predicts(tmp_path, capsys):
     assert train.main(["--eval", "--checkpoint", ckpt] + args) == 0
     out = capsys.readouterr().out
     assert "Total Samples: 12" in out and "Global Accuracy: 100.00%" in out and "blue: 100.00% of 6" in out
-    assert os.path.exists(tmp_path / "ckpt" / "folder_transformer_final_confusion.png")
+    assert os.path.exists(tmp_path / "ckpt" / RUN / "folder_transformer_final_confusion.png")
     probe = tmp_path / "probe.png"
     Image.new("RGBA", (50, 30), (220, 20, 20, 255)).save(probe)
     assert infer.main(["--images", str(probe), "--checkpoint", ckpt, "--json", "--no-show",
@@ -300,7 +300,7 @@ def test_regzipped_real_format_fashion_trains_offline(tmp_path, monkeypatch):
     args = small_run_args(tmp_path, str(tmp_path), "data.dataset=fashion_mnist", "data.train_limit=320",
                           "data.test_limit=100", "train.epochs=1")
     assert train.main(args) == 0
-    saved = load_checkpoint(str(tmp_path / "ckpt" / "fashion_mnist_transformer_final.pth"))
+    saved = load_checkpoint(str(tmp_path / "ckpt" / RUN / "fashion_mnist_transformer_final.pth"))
     assert saved["data_info"]["classes"] == data.FASHION and len(saved["history"]) == 1
 
 

@@ -17,7 +17,7 @@ import torch
 
 import launch
 import train
-from conftest import ROOT, read_metrics, small_run_args, write_idx_set
+from conftest import ROOT, RUN, read_metrics, small_run_args, write_idx_set
 from launch import free_port
 from utils import UserError, load_config
 
@@ -87,7 +87,7 @@ def torchrun(flags, script_argv, out_dir, name, **env):
 def final_weights(run_dir, name="mnist_transformer_final.pth"):
     """The weights, less the key third of each qkv bias: softmax ignores it, so its true gradient is
     zero and Adam turns the rounding noise there into full-size steps of +-lr."""
-    w = torch.load(os.path.join(run_dir, "ckpt", name), map_location="cpu", weights_only=True)["model"]
+    w = torch.load(os.path.join(run_dir, "ckpt", RUN, name), map_location="cpu", weights_only=True)["model"]
     for k in [k for k in w if k.endswith("attn.qkv.bias")]:
         q, _, v = w[k].chunk(3)
         w[k] = torch.cat([q, v])
@@ -103,7 +103,7 @@ def max_weight_diff(dir_a, dir_b):
 def assert_same_run(run_dir, reference):
     """Same parameters (allclose) and the same per-epoch metrics as the one-process reference."""
     assert max_weight_diff(run_dir, reference) < WEIGHT_TOL
-    got, want = read_metrics(os.path.join(run_dir, "logs")), read_metrics(os.path.join(reference, "logs"))
+    got, want = read_metrics(os.path.join(run_dir, "logs", RUN)), read_metrics(os.path.join(reference, "logs", RUN))
     assert [r["epoch"] for r in got] == [r["epoch"] for r in want]
     for g, w in zip(got, want):
         for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
@@ -251,19 +251,20 @@ def test_num_gpus_2_on_cpu_matches_one_process(spawned, reference):
     """DDP parity: 2 ranks x batch 16 == 1 rank x batch 32, and only rank 0 wrote anything."""
     run_dir, out = spawned
     assert_same_run(run_dir, reference)
-    assert [r["world_size"] for r in read_metrics(os.path.join(run_dir, "logs"))] == [2, 2]
+    assert [r["world_size"] for r in read_metrics(os.path.join(run_dir, "logs", RUN))] == [2, 2]
     assert "world size 2" in out and "global batch 32" in out
-    assert "rank1 INFO" not in out and "rank1" not in read_text(run_dir, "logs/train.log")
+    assert "rank1 INFO" not in out and "rank1" not in read_text(run_dir, f"logs/{RUN}/train.log")
     # the tolerance is tight: one epoch of training moves the weights a thousand times further
     first, last = final_weights(reference, "epoch_001.pt"), final_weights(reference)
     assert max((first[k] - last[k]).abs().max().item() for k in last) > 1000 * WEIGHT_TOL
-    assert sorted(os.listdir(os.path.join(run_dir, "ckpt"))) == sorted(os.listdir(os.path.join(reference, "ckpt")))
+    files = [sorted(os.listdir(os.path.join(d, "ckpt", RUN))) for d in (run_dir, reference)]
+    assert files[0] == files[1]
 
 
 @pytest.mark.slow
 def test_eval_counts_each_image_once_under_torchrun(spawned, data_root, tmp_path, capsys):
     """1001 test images on 2 ranks: no padded duplicate, no dropped tail, the 1-process numbers."""
-    ckpt = os.path.join(spawned[0], "ckpt", "mnist_transformer_final.pth")
+    ckpt = os.path.join(spawned[0], "ckpt", RUN, "mnist_transformer_final.pth")
     argv = ["--eval", "--checkpoint", ckpt] + small_run_args(tmp_path, data_root)
     capsys.readouterr()
     assert train.main(argv) == 0
@@ -298,7 +299,7 @@ def test_pytorchjob_style_launch_by_hand(reference, data_root, tmp_path):
     codes, _ = by_hand([argv, argv], str(tmp_path))
     assert codes == [0, 0], read_text(str(tmp_path), "rank0.err") + read_text(str(tmp_path), "rank1.err")
     assert_same_run(run_dir, reference)
-    saved = read_text(run_dir, "logs/config.yaml")
+    saved = read_text(run_dir, f"logs/{RUN}/config.yaml")
     assert "environment: k8s" in saved and "resume: auto" in saved  # the k8s profile applied under the overrides
     assert "INFO" not in read_text(str(tmp_path), "rank1.out")  # other ranks: warnings only
 
@@ -311,18 +312,18 @@ def test_checkpoint_from_2_ranks_resumes_on_1(spawned, reference, data_root, tmp
     the 1-process run ends; with a different global batch the lr schedule still ends at its end."""
     for name, batch in (("same", 32), ("half", 16)):
         run_dir = tmp_path / name
-        shutil.copytree(os.path.join(spawned[0], "ckpt"), run_dir / "ckpt")
+        shutil.copytree(os.path.join(spawned[0], "ckpt", RUN), run_dir / "ckpt" / RUN)
         for f in ("epoch_002.pt", "mnist_transformer_final.pth"):
-            os.remove(run_dir / "ckpt" / f)
+            os.remove(run_dir / "ckpt" / RUN / f)
         argv = args_for(str(run_dir), data_root, f"train.batch_size={batch}", "checkpoint.resume=true")
         assert train.main(argv) == 0
-        m = read_metrics(run_dir / "logs")
+        m = read_metrics(run_dir / "logs" / RUN)
         assert [r["epoch"] for r in m] == [1, 2] and [r["world_size"] for r in m] == [2, 1]
         assert m[-1]["lr"] == 0.0  # cosine to 0: the schedule counted the new world's steps
         if name == "same":
             assert_same_run(str(run_dir), reference)
         else:
-            assert "global batch of 32, continuing with 16" in read_text(str(run_dir), "logs/train.log")
+            assert "global batch of 32, continuing with 16" in read_text(str(run_dir), f"logs/{RUN}/train.log")
             assert m[-1]["val_acc"] > 0.9
 
 
@@ -340,12 +341,12 @@ def test_preempting_one_pod_saves_one_checkpoint_then_resumes(reference, data_ro
     err = read_text(str(tmp_path), "rank0.err") + read_text(str(tmp_path), "rank1.err")
     assert codes == [143, 143], err
     assert "Traceback" not in err
-    ckpts = sorted(n for n in os.listdir(os.path.join(run_dir, "ckpt")) if n.startswith("epoch_"))
+    ckpts = sorted(n for n in os.listdir(os.path.join(run_dir, "ckpt", RUN)) if n.startswith("epoch_"))
     assert ckpts == ["epoch_001.pt", "epoch_001_step000008.pt"]  # call 25 = epoch 2 step 5; agreed at step 8
-    assert [r["epoch"] for r in read_metrics(os.path.join(run_dir, "logs"))] == [1]
-    assert "stopped by signal at epoch 2, step 8/20" in read_text(run_dir, "logs/train.log")
+    assert [r["epoch"] for r in read_metrics(os.path.join(run_dir, "logs", RUN))] == [1]
+    assert "stopped by signal at epoch 2, step 8/20" in read_text(run_dir, f"logs/{RUN}/train.log")
     assert train.main(list(k8s)) == 0
-    assert "resumed from" in read_text(run_dir, "logs/train.log")
+    assert "resumed from" in read_text(run_dir, f"logs/{RUN}/train.log")
     assert_same_run(run_dir, reference)
 
 
@@ -361,7 +362,7 @@ def test_killed_worker_restarts_and_resumes_under_torchrun(reference, data_root,
     out = read_text(str(tmp_path), "torchrun.out") + read_text(str(tmp_path), "torchrun.err")
     assert codes == [0], out
     assert "resumed from" in out and "epoch_001.pt (epoch 1, step 0)" in out
-    assert [r["epoch"] for r in read_metrics(os.path.join(run_dir, "logs"))] == [1, 2]
+    assert [r["epoch"] for r in read_metrics(os.path.join(run_dir, "logs", RUN))] == [1, 2]
     assert_same_run(run_dir, reference)
 
 

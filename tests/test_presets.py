@@ -47,10 +47,10 @@ def test_preset_trains_and_repeats_exactly_with_its_seed(path, tmp_path):
     for name in ("a", "b"):
         out = tmp_path / name
         args = ["--config", path, f"data.data_root={root}", f"checkpoint.dir={out}/ckpt", f"log.dir={out}/logs",
-                "train.device=cpu", "train.compile=false", "train.epochs=1", "train.batch_size=16",
+                "run.name=p", "train.device=cpu", "train.compile=false", "train.epochs=1", "train.batch_size=16",
                 "data.train_limit=48", "log.tensorboard=false", "train.eval_batch_size=40"]
         assert train.main(args) == 0
-        with open(out / "logs" / "metrics.jsonl") as f:
+        with open(out / "logs" / "p" / "metrics.jsonl") as f:
             runs.append([{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS} for line in f])
     assert [r["epoch"] for r in runs[0]] == [1]
     assert runs[0] == runs[1]
