@@ -3,6 +3,7 @@
     python infer.py                                        test_digit/ with the newest final weights
     python infer.py --images photo.jpg --checkpoint checkpoints/mnist_transformer_final.pth
     python infer.py --images DIR --json --no-show          one JSON array on stdout and nothing else
+    python infer.py --checkpoint exports/mnist             a safetensors export (python export.py)
 
 For the MNIST-style sets the pictures are prepared the way MNIST was made, so that a phone photo
 or scan of dark ink on paper looks like the training data: grey, inverted when the background is
