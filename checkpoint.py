@@ -12,10 +12,18 @@ Two kinds of file, both written atomically (temporary name, fsync, rename):
 - weights files `best.pth` and `<dataset>_transformer_final.pth`: weights with `model_args`,
   `data_info` and `config`, enough to rebuild the model and nothing to resume.
 Loads use `torch.load(weights_only=True)`: a checkpoint cannot run code.
+
+load_trained() also reads what `export.py --format safetensors` writes (model.json beside
+model.safetensors), so infer.py and `--eval` run an export like a checkpoint. The safetensors
+format is read and written here, in a few dozen lines, so that reading an export needs no extra package.
 """
 import io
+import json
+import math
 import os
 import random
+import struct
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -342,16 +350,8 @@ class Checkpointer:
 
 # ------------------------------------------------------------------------- trained weights
 
-def load_trained(path):
-    """(model on the CPU with its preferred weights, the checkpoint, "EMA" or "raw") from a file
-    that train.py wrote; weights saved on a GPU load anywhere. A file that cannot rebuild its
-    model is a one-line UserError."""
-    ckpt = load_checkpoint(path, map_location="cpu")
-    if "model_args" not in ckpt or "data_info" not in ckpt:
-        raise UserError(f"checkpoint '{path}' has no model_args/data_info, so the model cannot be rebuilt from it; "
-                        f"use a *_final.pth or best.pth written by train.py", code=1)
-    model = build_model(ckpt["model_args"])
-    weights, kind = preferred_weights(ckpt)
+def load_weights(model, weights, path):
+    """load_state_dict with a one-line UserError when the weights belong to another model."""
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
@@ -359,4 +359,159 @@ def load_trained(path):
         raise UserError(f"checkpoint '{path}': the weights do not fit its model_args "
                         f"({lines[1].strip() if len(lines) > 1 else e}); "
                         f"the file was edited or mixed from two runs", code=1) from None
+
+
+def load_trained(path):
+    """(model on the CPU with its preferred weights, the checkpoint, "EMA" or "raw") from a file
+    that train.py wrote, or from a safetensors export (its folder, model.json or .safetensors file);
+    weights saved on a GPU load anywhere. A file that cannot rebuild its model is a one-line UserError."""
+    if is_export(path):
+        return load_export(path)
+    ckpt = load_checkpoint(path, map_location="cpu")
+    if "model_args" not in ckpt or "data_info" not in ckpt:
+        raise UserError(f"checkpoint '{path}' has no model_args/data_info, so the model cannot be rebuilt from it; "
+                        f"use a *_final.pth or best.pth written by train.py", code=1)
+    model = build_model(ckpt["model_args"])
+    weights, kind = preferred_weights(ckpt)
+    load_weights(model, weights, path)
     return model, ckpt, kind
+
+
+# ------------------------------------------------------------------------------------ exports
+
+EXPORT_META = "model.json"  # what export.py writes beside the exported model
+# torch dtype <-> the safetensors name; every dtype a state_dict of ours can hold
+ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+             torch.bool: "BOOL"}
+ST_TORCH = {v: k for k, v in ST_DTYPES.items()}
+
+
+def safetensors_bytes(tensors, metadata=None):
+    """The safetensors encoding: an 8-byte little-endian header length, a JSON header giving each
+    tensor's dtype, shape and [begin, end) byte offsets (plus an optional `__metadata__` of strings),
+    then the raw little-endian bytes of every tensor, back to back."""
+    if sys.byteorder != "little":
+        raise UserError("writing safetensors needs a little-endian machine; export on x86 or ARM", code=1)
+    header = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}} if metadata else {}
+    chunks, offset = [], 0
+    # widest dtypes first: every tensor then starts at a multiple of its own element size
+    for name in sorted(tensors, key=lambda n: (-tensors[n].element_size(), n)):
+        t = tensors[name].detach().cpu().contiguous()
+        if t.dtype not in ST_DTYPES:
+            raise UserError(f"tensor {name} has dtype {t.dtype}, which safetensors export does not handle", code=1)
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": ST_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the format allows trailing spaces; 8-byte alignment keeps the data aligned
+    return struct.pack("<Q", len(head)) + head + b"".join(chunks)
+
+
+def write_safetensors(path, tensors, metadata=None):
+    atomic_write_bytes(path, safetensors_bytes(tensors, metadata))
+
+
+def read_safetensors(path):
+    """(name -> tensor, metadata) from a safetensors file. Raises ValueError naming what is wrong."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 8 or struct.unpack("<Q", raw[:8])[0] > len(raw) - 8:
+        raise ValueError("truncated: the header is longer than the file")
+    n = struct.unpack("<Q", raw[:8])[0]
+    try:
+        header = json.loads(raw[8:8 + n])
+    except ValueError:
+        raise ValueError("the header is not JSON") from None
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    metadata, body = header.pop("__metadata__", None) or {}, raw[8 + n:]
+    tensors, covered = {}, 0
+    for name, e in sorted(header.items(), key=lambda item: tuple(_offsets(item))):  # empty tensors first
+        begin, end = _offsets((name, e))
+        dtype = ST_TORCH.get(e.get("dtype"))
+        shape = e.get("shape")
+        if dtype is None or not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise ValueError(f"tensor {name}: unknown dtype {e.get('dtype')!r} or a bad shape {shape!r}")
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if begin != covered or end - begin != size or end > len(body):
+            raise ValueError(f"tensor {name}: bytes {begin}..{end} do not match its shape {shape} and dtype, "
+                             f"overlap another tensor or run past the end of the file")
+        chunk = bytearray(body[begin:end])  # a fresh buffer: aligned and writable
+        flat = torch.frombuffer(chunk, dtype=dtype) if chunk else torch.zeros(0, dtype=dtype)  # frombuffer wants bytes
+        tensors[name] = flat.reshape(shape)
+        covered = end
+    if covered != len(body):
+        raise ValueError(f"{len(body) - covered} bytes after the last tensor; the file is corrupt")
+    return tensors, metadata
+
+
+def _offsets(item):
+    name, e = item
+    offsets = e.get("data_offsets") if isinstance(e, dict) else None
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+        raise ValueError(f"tensor {name}: no [begin, end] data_offsets")
+    return offsets
+
+
+def is_export(path):
+    """True for what export.py writes: its folder, its model.json or a .safetensors file."""
+    if os.path.isdir(path):
+        return any(os.path.isfile(os.path.join(path, n)) for n in (EXPORT_META, "model.safetensors"))
+    return path.endswith(".safetensors") or os.path.basename(path) == EXPORT_META
+
+
+def read_export_meta(folder):
+    """model.json of an export folder, checked for the keys that rebuild the model."""
+    meta_path = os.path.join(folder, EXPORT_META)
+    if not os.path.isfile(meta_path):
+        raise UserError(f"export '{folder}' has no {EXPORT_META}; export again with python export.py "
+                        f"--format safetensors --output {folder}", code=1)
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{meta_path} cannot be read ({type(e).__name__}: {str(e)[:100]}); export again", code=1) \
+            from None
+    keys = ("format", "file", "model_args", "dataset", "classes", "input", "preprocessing")
+    missing = [k for k in keys if k not in meta] if isinstance(meta, dict) else list(keys)
+    try:
+        pre = meta["preprocessing"] if not missing else {}
+        meta["data_info"] = {"dataset": meta["dataset"], "classes": list(meta["classes"]), "mean": pre["mean"],
+                             "std": pre["std"], "in_channels": meta["input"]["channels"],
+                             "digit_style": pre["digit_style"], "native_size": pre["native_size"]}
+    except (KeyError, TypeError) as e:
+        missing = missing or [str(e)]
+    if missing:
+        raise UserError(f"{meta_path} has no {', '.join(missing)}; it was not written by export.py, export again",
+                        code=1)
+    return meta
+
+
+def load_export(path):
+    """load_trained() for a safetensors export: (model, a checkpoint-like dict, "EMA" or "raw")."""
+    folder = path if os.path.isdir(path) else (os.path.dirname(path) or ".")
+    if not os.path.exists(path):
+        raise UserError(f"export file '{path}' not found; pass the export folder or its model.safetensors")
+    meta = read_export_meta(folder)
+    if meta["format"] != "safetensors":
+        raise UserError(f"export '{folder}' holds {meta['format']}, which infer.py and --eval do not run; run it "
+                        f"with its own runtime (docs/export.md) or export with --format safetensors", code=1)
+    weights_path = path if path.endswith(".safetensors") else os.path.join(folder, meta["file"])
+    if not os.path.isfile(weights_path):
+        raise UserError(f"export '{folder}': {os.path.basename(weights_path)} is missing; export again", code=1)
+    try:
+        weights, _ = read_safetensors(weights_path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{weights_path} is not a readable safetensors file ({e}); export again", code=1) from None
+    try:
+        model = build_model(meta["model_args"])
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{folder}/{EXPORT_META}: its model_args do not build a model ({e}); export again",
+                        code=1) from None
+    load_weights(model, weights, weights_path)
+    ckpt = {"model_args": meta["model_args"], "data_info": meta["data_info"],
+            "epoch": (meta.get("source") or {}).get("epoch"), "export": meta}
+    return model, ckpt, meta.get("weights", "raw")

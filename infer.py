@@ -3,13 +3,14 @@
     python infer.py                                        test_digit/ with the newest final weights
     python infer.py --images photo.jpg --checkpoint checkpoints/mnist_transformer_final.pth
     python infer.py --images DIR --json --no-show          one JSON array on stdout and nothing else
+    python infer.py --checkpoint exports/mnist             a safetensors export (python export.py)
 
 For the MNIST-style sets the pictures are prepared the way MNIST was made, so that a phone photo
 or scan of dark ink on paper looks like the training data: grey, inverted when the background is
 light, cropped to the ink, a fine pen widened to MNIST's stroke, scaled into a 20x20 box and put
 into 28x28 centred on the centre of mass (Fashion-MNIST: a 28 box, centred on the box, nothing
 widened). CIFAR-10 and folder models get RGB resized as in training. The model is rebuilt from the
-checkpoint alone.
+checkpoint alone, or from a safetensors export (python export.py --format safetensors).
 """
 import argparse
 import json
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from data import IMAGE_EXTS, normalize, rgb_uint8
-from checkpoint import load_trained, newest_final
+from checkpoint import is_export, load_trained, newest_final
 from utils import UserError, exit_with, load_config, resolve_device, user_errors
 
 MAX_SIDE = 1024  # larger photos are shrunk first: a 28x28 result needs no more, and it bounds the work
@@ -33,8 +34,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Predict the class of image files with a trained ViT checkpoint.")
     p.add_argument("--images", default="test_digit", help="an image file or a folder of them (default: test_digit)")
     p.add_argument("--checkpoint", default=None,
-                   help="weights file, or a folder to take the newest *_final.pth from (default: checkpoint.dir "
-                        "of config.yaml)")
+                   help="weights file, a safetensors export folder (export.py), or a folder to take the newest "
+                        "*_final.pth from (default: checkpoint.dir of config.yaml)")
     p.add_argument("--output", default="outputs", help="folder for one figure per image (default: outputs)")
     p.add_argument("--no-show", action="store_true",
                    help="do not open a window (default: open one when a display exists)")
@@ -47,7 +48,7 @@ def parse_args(argv=None):
 # ------------------------------------------------------------------------------------- model
 
 def find_checkpoint(given):
-    if given and not os.path.isdir(given):
+    if given and (not os.path.isdir(given) or is_export(given)):
         return given
     folder = given or load_config().checkpoint.dir
     path = newest_final(folder)

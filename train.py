@@ -363,9 +363,10 @@ def run_eval(cfg, args, rank, world, local_rank):
     if rank == 0:
         print(f"Checkpoint: {path} ({kind} weights)")
         print_eval(res, info.classes)
-        out = os.path.splitext(path)[0] + "_confusion.png"
+        name = os.path.normpath(path)  # an export folder given as DIR/: its figure goes beside it, not in it
+        out = os.path.splitext(name)[0] + "_confusion.png"
         plot_confusion(res["confusion"], info.classes,
-                       f"{os.path.basename(path)}: {100 * res['acc']:.2f}% of {res['n']}", out)
+                       f"{os.path.basename(name)}: {100 * res['acc']:.2f}% of {res['n']}", out)
         print(f"Confusion matrix: {out}")
     return 0
 
