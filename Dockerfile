@@ -31,8 +31,10 @@ v = (torch.__version__.split('+')[0], torchvision.__version__.split('+')[0]); \
 assert v == ('2.14.1', '0.29.1'), f'base image has torch/torchvision {v}, requirements.txt pins 2.14.1/0.29.1'; \
 print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
-# Code, config and the shipped MNIST (so the default job runs with no network and no volume).
+# Code, config, the presets and the shipped MNIST (so the default job runs with no network and no
+# volume). tests/test_image.py builds this file tree from these COPY lines and runs the entrypoint in it.
 COPY config.yaml *.py ./
+COPY configs/ ./configs/
 COPY data/MNIST/raw/ ./data/MNIST/raw/
 COPY test_digit/ ./test_digit/
 

@@ -380,6 +380,7 @@ def test_a_failing_rank_ends_the_group(fault, data_root, tmp_path):
         failing, survivor = 1, 0
     codes, took = by_hand(argvs, str(tmp_path), timeout=90)
     assert all(c != 0 for c in codes), codes
+    assert 1 <= codes[failing] <= 127 and codes[survivor] == launch.EXIT_LOST_PEER, codes  # only the survivor retries
     assert took[survivor] - took[failing] < 20, took  # the crash is seen at once, not after the 60 s timeout
     cause = read_text(str(tmp_path), f"rank{failing}.err")
     assert ("/nonexistent/MNIST/raw" in cause) if failing == 0 else ("injected failure" in cause)
