@@ -14,16 +14,13 @@ Two kinds of file, both written atomically (temporary name, fsync, rename):
 Loads use `torch.load(weights_only=True)`: a checkpoint cannot run code.
 
 load_trained() also reads what `export.py --format safetensors` writes (model.json beside
-model.safetensors), so infer.py and `--eval` run an export like a checkpoint. The safetensors
-format is read and written here, in a few dozen lines, so that reading an export needs no extra package.
+model.safetensors), so infer.py and `--eval` run an export like a checkpoint.
 """
 import io
 import json
 import math
 import os
 import random
-import struct
-import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,8 +28,8 @@ import torch
 import torch.distributed as dist
 
 from launch import from_rank0
-from model import build_model, preferred_weights, strip_prefixes
-from utils import UserError, atomic_write_bytes, seed_everything, to_plain
+from model import MODEL_NAMES, build_model, preferred_weights, strip_prefixes
+from utils import UserError, atomic_write_bytes, read_safetensors, seed_everything, to_plain
 
 FORMAT = 1
 
@@ -329,7 +326,13 @@ class Checkpointer:
         ckpt = found[1] if found else load_checkpoint(path)
         check_same_run(path, ckpt, self.model_args, ctx.info.dataset)
         self.resumed_config = ckpt.get("config")
-        if restore(ckpt, t, state, ctx.rank):
+        try:
+            restarted_ema = restore(ckpt, t, state, ctx.rank)
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+            why = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+            raise UserError(f"checkpoint '{path}' cannot be resumed ({why}); it was edited or damaged: resume an "
+                            f"earlier one (checkpoint.resume_epoch=N) or start a new run", code=1) from None
+        if restarted_ema:
             ctx.logger.warning("the checkpoint holds no EMA weights (train.ema was off); the EMA starts from its "
                                "weights")
         self._restore_rng(ckpt, state)
@@ -346,6 +349,70 @@ class Checkpointer:
             set_rng_state(rng[ctx.rank], ctx.device)
         else:
             seed_everything(self.cfg.train.seed + 1000 * state.epoch + ctx.rank)
+
+
+# ---------------------------------------------------------------------- checkpoint metadata
+
+INT_ARGS = {"image_size": 1024, "patch_size": 1024, "in_channels": 4, "num_classes": 100_000, "dim": 8192,
+            "depth": 256, "heads": 256}  # key -> largest value a checkpoint may ask for
+FLOAT_ARGS = {"mlp_ratio": (0.0, 64.0), "dropout": (0.0, 1.0), "drop_path": (0.0, 1.0)}  # open or half-open ranges
+CHOICE_ARGS = {"name": MODEL_NAMES, "pool": ("cls", "mean"), "stem": ("patch", "conv")}
+MAX_PARAMS = 1_000_000_000  # a checkpoint asking for more (4 GB of fp32) is refused before anything is allocated
+
+
+def _bad(path, what):
+    return UserError(f"checkpoint '{path}': {what}; the file was edited or damaged, use one written by train.py",
+                     code=1)
+
+
+def check_model_args(args, path):
+    """model_args as a checkpoint holds them, checked like the config (types, known names, sane
+    sizes) before anything is built; returns the parameter count."""
+    if not isinstance(args, dict):
+        raise _bad(path, "model_args is not a mapping")
+    unknown = sorted(set(args) - set(INT_ARGS) - set(FLOAT_ARGS) - set(CHOICE_ARGS))
+    if unknown:
+        raise _bad(path, f"model_args has unknown keys {unknown}")
+    for key, top in INT_ARGS.items():
+        value = args.get(key)
+        if type(value) is not int or not 1 <= value <= top:
+            raise _bad(path, f"model_args.{key}={value!r} is not an integer in 1..{top}")
+    for key, (lo, hi) in FLOAT_ARGS.items():
+        value = args.get(key, lo)
+        if type(value) not in (int, float) or not math.isfinite(value) or not lo <= value < hi:
+            raise _bad(path, f"model_args.{key}={value!r} is not a number in [{lo}, {hi})")
+    for key, allowed in CHOICE_ARGS.items():
+        if args.get(key, allowed[0]) not in allowed:
+            raise _bad(path, f"model_args.{key}={args.get(key)!r} is not one of {', '.join(allowed)}")
+    try:
+        with torch.device("meta"):  # shapes only: no memory, however large the numbers
+            n = sum(p.numel() for p in build_model(args).parameters())
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise _bad(path, f"model_args do not build a model ({str(e).splitlines()[0][:120]})") from None
+    if n > MAX_PARAMS:
+        raise _bad(path, f"model_args ask for {n:,} parameters, more than the {MAX_PARAMS:,} allowed")
+    return n
+
+
+def check_data_info(info, model_args, path):
+    """data_info against the model it goes with: the classes, one mean/std per input channel."""
+    if not isinstance(info, dict):
+        raise _bad(path, "data_info is not a mapping")
+    classes, mean, std = info.get("classes"), info.get("mean"), info.get("std")
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise _bad(path, "data_info.classes is not a list of names")
+    if len(classes) != model_args["num_classes"]:
+        raise _bad(path, f"data_info names {len(classes)} classes but the model has {model_args['num_classes']}")
+    for key, values in (("mean", mean), ("std", std)):
+        if not isinstance(values, list) or len(values) != model_args["in_channels"] or not all(
+                type(v) in (int, float) and math.isfinite(v) and (key == "mean" or v > 0) for v in values):
+            raise _bad(path, f"data_info.{key}={values!r} is not {model_args['in_channels']} finite number(s)"
+                             + (" above 0" if key == "std" else ""))
+    if not isinstance(info.get("dataset"), str) or type(info.get("digit_style")) is not bool:
+        raise _bad(path, "data_info.dataset or data_info.digit_style is missing or of the wrong type")
+    size = info.get("native_size")
+    if type(size) is not int or not 1 <= size <= INT_ARGS["image_size"]:
+        raise _bad(path, f"data_info.native_size={size!r} is not an integer in 1..{INT_ARGS['image_size']}")
 
 
 # ------------------------------------------------------------------------- trained weights
@@ -371,6 +438,8 @@ def load_trained(path):
     if "model_args" not in ckpt or "data_info" not in ckpt:
         raise UserError(f"checkpoint '{path}' has no model_args/data_info, so the model cannot be rebuilt from it; "
                         f"use a *_final.pth or best.pth written by train.py", code=1)
+    check_model_args(ckpt["model_args"], path)
+    check_data_info(ckpt["data_info"], ckpt["model_args"], path)
     model = build_model(ckpt["model_args"])
     weights, kind = preferred_weights(ckpt)
     load_weights(model, weights, path)
@@ -380,82 +449,6 @@ def load_trained(path):
 # ------------------------------------------------------------------------------------ exports
 
 EXPORT_META = "model.json"  # what export.py writes beside the exported model
-# torch dtype <-> the safetensors name; every dtype a state_dict of ours can hold
-ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-             torch.bool: "BOOL"}
-ST_TORCH = {v: k for k, v in ST_DTYPES.items()}
-
-
-def safetensors_bytes(tensors, metadata=None):
-    """The safetensors encoding: an 8-byte little-endian header length, a JSON header giving each
-    tensor's dtype, shape and [begin, end) byte offsets (plus an optional `__metadata__` of strings),
-    then the raw little-endian bytes of every tensor, back to back."""
-    if sys.byteorder != "little":
-        raise UserError("writing safetensors needs a little-endian machine; export on x86 or ARM", code=1)
-    header = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}} if metadata else {}
-    chunks, offset = [], 0
-    # widest dtypes first: every tensor then starts at a multiple of its own element size
-    for name in sorted(tensors, key=lambda n: (-tensors[n].element_size(), n)):
-        t = tensors[name].detach().cpu().contiguous()
-        if t.dtype not in ST_DTYPES:
-            raise UserError(f"tensor {name} has dtype {t.dtype}, which safetensors export does not handle", code=1)
-        data = t.reshape(-1).view(torch.uint8).numpy().tobytes()
-        header[name] = {"dtype": ST_DTYPES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + len(data)]}
-        chunks.append(data)
-        offset += len(data)
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)  # the format allows trailing spaces; 8-byte alignment keeps the data aligned
-    return struct.pack("<Q", len(head)) + head + b"".join(chunks)
-
-
-def write_safetensors(path, tensors, metadata=None):
-    atomic_write_bytes(path, safetensors_bytes(tensors, metadata))
-
-
-def read_safetensors(path):
-    """(name -> tensor, metadata) from a safetensors file. Raises ValueError naming what is wrong."""
-    with open(path, "rb") as f:
-        raw = f.read()
-    if len(raw) < 8 or struct.unpack("<Q", raw[:8])[0] > len(raw) - 8:
-        raise ValueError("truncated: the header is longer than the file")
-    n = struct.unpack("<Q", raw[:8])[0]
-    try:
-        header = json.loads(raw[8:8 + n])
-    except ValueError:
-        raise ValueError("the header is not JSON") from None
-    if not isinstance(header, dict):
-        raise ValueError("the header is not a JSON object")
-    metadata, body = header.pop("__metadata__", None) or {}, raw[8 + n:]
-    tensors, covered = {}, 0
-    for name, e in sorted(header.items(), key=lambda item: tuple(_offsets(item))):  # empty tensors first
-        begin, end = _offsets((name, e))
-        dtype = ST_TORCH.get(e.get("dtype"))
-        shape = e.get("shape")
-        if dtype is None or not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise ValueError(f"tensor {name}: unknown dtype {e.get('dtype')!r} or a bad shape {shape!r}")
-        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        if begin != covered or end - begin != size or end > len(body):
-            raise ValueError(f"tensor {name}: bytes {begin}..{end} do not match its shape {shape} and dtype, "
-                             f"overlap another tensor or run past the end of the file")
-        chunk = bytearray(body[begin:end])  # a fresh buffer: aligned and writable
-        flat = torch.frombuffer(chunk, dtype=dtype) if chunk else torch.zeros(0, dtype=dtype)  # frombuffer wants bytes
-        tensors[name] = flat.reshape(shape)
-        covered = end
-    if covered != len(body):
-        raise ValueError(f"{len(body) - covered} bytes after the last tensor; the file is corrupt")
-    return tensors, metadata
-
-
-def _offsets(item):
-    name, e = item
-    offsets = e.get("data_offsets") if isinstance(e, dict) else None
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-        raise ValueError(f"tensor {name}: no [begin, end] data_offsets")
-    return offsets
-
-
 def is_export(path):
     """True for what export.py writes: its folder, its model.json or a .safetensors file."""
     if os.path.isdir(path):
@@ -506,11 +499,9 @@ def load_export(path):
         weights, _ = read_safetensors(weights_path)
     except (OSError, ValueError) as e:
         raise UserError(f"{weights_path} is not a readable safetensors file ({e}); export again", code=1) from None
-    try:
-        model = build_model(meta["model_args"])
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{folder}/{EXPORT_META}: its model_args do not build a model ({e}); export again",
-                        code=1) from None
+    check_model_args(meta["model_args"], os.path.join(folder, EXPORT_META))
+    check_data_info(meta["data_info"], meta["model_args"], os.path.join(folder, EXPORT_META))
+    model = build_model(meta["model_args"])
     load_weights(model, weights, weights_path)
     ckpt = {"model_args": meta["model_args"], "data_info": meta["data_info"],
             "epoch": (meta.get("source") or {}).get("epoch"), "export": meta}

@@ -58,6 +58,7 @@ class DataInfo:
     in_channels: int
     digit_style: bool
     native_size: int
+    hflip: bool = False   # random horizontal flips in training (data.hflip, resolved for this data set)
     extra: dict = field(default_factory=dict)
 
     def to_dict(self):
@@ -92,7 +93,7 @@ def read_idx(path, expect_dims):
     if len(raw) < header:
         raise DataError(f"{path}: truncated header; replace the file")
     shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims))
-    need = int(np.prod(shape))
+    need = math.prod(shape)  # Python integers: a crafted header cannot overflow past the check
     if len(raw) - header != need:
         raise DataError(f"{path}: holds {len(raw) - header} data bytes but its header says {need} "
                         f"(shape {shape}); the file is truncated or corrupt")
@@ -157,8 +158,15 @@ def load_cifar_split(folder, train):
         d = _read_cifar_batch(path)
         if "data" not in d or "labels" not in d:
             raise DataError(f"{path}: has no 'data'/'labels' entries; replace the file")
-        data = np.asarray(d["data"], dtype=np.uint8)
-        lab = np.asarray(d["labels"], dtype=np.int64)
+        try:
+            data = np.asarray(d["data"])
+            lab = np.asarray(d["labels"])
+            if data.dtype != np.uint8 or lab.dtype.kind not in "iu" or lab.ndim != 1:
+                raise ValueError(f"data of type {data.dtype} and labels of type {lab.dtype}, shape {lab.shape}")
+            lab = lab.astype(np.int64)
+        except (ValueError, TypeError, OverflowError) as e:
+            raise DataError(f"{path}: expected uint8 image data and integer labels ({str(e)[:100]}); "
+                            f"the file is corrupt, replace it") from None
         if data.ndim != 2 or data.shape[1] != 3072:
             raise DataError(f"{path}: 'data' has shape {data.shape}, expected (N, 3072); the file is corrupt")
         if data.shape[0] != lab.shape[0]:
@@ -171,40 +179,73 @@ def load_cifar_split(folder, train):
 
 
 def _extract_cifar_tar(data_root):
-    """Unpack cifar-10-python.tar.gz when only the archive is there (members checked first)."""
+    """Unpack the CIFAR batches of cifar-10-python.tar.gz when only the archive is there: regular
+    files with the expected names only, written as new files of this user with ordinary
+    permissions (tarfile's "data" filter where Python has it): no links, no setuid or
+    world-writable bits, no owner from the archive, nothing outside the target folder."""
     archive = os.path.join(data_root, "cifar-10-python.tar.gz")
     if not os.path.isfile(archive):
         return
+    safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else None
     try:
         with tarfile.open(archive) as tar:
-            members = [m for m in tar.getmembers() if m.isfile() and os.path.basename(m.name) in CIFAR_FILES
-                       and ".." not in m.name and not m.name.startswith("/")]
-            for m in members:
+            for m in tar.getmembers():
+                if not m.isfile() or os.path.basename(m.name) not in CIFAR_FILES:
+                    continue
                 m.name = os.path.join("cifar-10-batches-py", os.path.basename(m.name))
-                tar.extract(m, data_root)
+                if safe:
+                    tar.extract(m, data_root, **safe)
+                    continue
+                target = os.path.join(data_root, m.name)  # no filter: copy the bytes into a new file
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                with tar.extractfile(m) as src, open(target, "wb") as dst:
+                    dst.write(src.read())
     except (tarfile.TarError, OSError, EOFError) as e:
         raise DataError(f"{archive}: cannot unpack ({e}); replace the archive") from None
 
 
 # ---------------------------------------------------------------------------------- folder dataset
 
-def rgb_uint8(im, size):
-    """A PIL image as uint8 (3, size, size): how folder data sets are stored, and how infer.py
-    prepares an image for a colour model."""
+def eight_bit(im):
+    """A PIL image with 8 bits per channel: 16-bit and 32-bit integer images are scaled down by their
+    bit depth (not clipped: a 16-bit scan would turn white), float images from their 0..1 or 0..255
+    range; other modes are returned as they are."""
     from PIL import Image
-    return np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.uint8).transpose(2, 0, 1)
+    if im.mode not in ("I", "F") and not im.mode.startswith("I;16"):
+        return im
+    a = np.asarray(im, dtype=np.float64)
+    if im.mode == "F":
+        top = 1.0 if a.size and np.nanmax(a) <= 1.0 else 255.0
+    else:
+        top = 65535.0 if im.mode.startswith("I;16") or not a.size or a.max() <= 65535 else 4294967295.0
+    return Image.fromarray(np.clip(np.nan_to_num(a) * (255.0 / top), 0, 255).round().astype(np.uint8), "L")
+
+
+def image_uint8(im, size, channels=3):
+    """A PIL image as uint8 (channels, size, size), resized bilinearly: how folder data sets are
+    stored, and how infer.py prepares an image for a model of such a set."""
+    from PIL import Image
+    im = eight_bit(im).convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
+    a = np.asarray(im, dtype=np.uint8)
+    return a[None] if channels == 1 else a.transpose(2, 0, 1)
+
+
+def rgb_uint8(im, size):
+    """uint8 (3, size, size) of any PIL image (the colour models' input)."""
+    return image_uint8(im, size, 3)
 
 
 def _decode(path, size):
     from PIL import Image
     try:
         with Image.open(path) as im:
-            return rgb_uint8(im, size)
+            return image_uint8(im, size, 3)
     except Exception as e:
         raise DataError(f"{path}: not a readable image ({e}); remove or replace it") from None
 
 
 def load_folder_split(root, split, size, num_workers, classes=None):
+    """(uint8 (N, 3, S, S), labels (N,), classes) of <root>/<split>/<class>/<image>."""
     folder = os.path.join(root, split)
     if not os.path.isdir(folder):
         raise DataError(f"data.dataset=folder needs {folder}/<class>/<image> files; create the folder "
@@ -224,6 +265,36 @@ def load_folder_split(root, split, size, num_workers, classes=None):
     with ThreadPoolExecutor(workers) as pool:
         arrays = list(pool.map(lambda it: _decode(it[0], size), items))
     return torch.from_numpy(np.stack(arrays)), torch.tensor([i for _, i in items]), classes
+
+
+def is_gray(x):
+    """True when every image of a uint8 (N, 3, S, S) tensor has equal R, G and B."""
+    return bool((x[:, 0] == x[:, 1]).all() and (x[:, 1] == x[:, 2]).all())
+
+
+def to_channels(x, channels):
+    """uint8 (N, 3, S, S) -> (N, channels, S, S); colour to grey with the ITU-R 601 weights (as PIL)."""
+    if channels == 3:
+        return x
+    if is_gray(x):
+        return x[:, :1].contiguous()
+    w = torch.tensor([299, 587, 114], dtype=torch.int32).view(1, 3, 1, 1)
+    return ((x.int() * w).sum(1, keepdim=True) + 500).div(1000, rounding_mode="floor").to(torch.uint8)
+
+
+def load_folder(root, size, num_workers=0, channels="auto"):
+    """An image folder: train/ and test/, and val/ when present. Returns ([(x, y) of train, val or
+    None, test], DataInfo). With channels=auto a set whose images are all grey loads as 1 channel."""
+    tx, ty, classes = load_folder_split(root, "train", size, num_workers)
+    has_val = os.path.isdir(os.path.join(root, "val"))
+    val = load_folder_split(root, "val", size, num_workers, classes)[:2] if has_val else None
+    vx, vy, _ = load_folder_split(root, "test", size, num_workers, classes)
+    c = (1 if is_gray(tx) else 3) if channels == "auto" else int(channels)
+    parts = [None if p is None else (to_channels(p[0], c), p[1]) for p in ((tx, ty), val, (vx, vy))]
+    x = parts[0][0].float()
+    mean = tuple((x.mean(dim=(0, 2, 3)) / 255).tolist())
+    std = tuple((x.std(dim=(0, 2, 3)) / 255).clamp_min(1e-3).tolist())
+    return parts, DataInfo("folder", classes, mean, std, c, False, size)
 
 
 # -------------------------------------------------------------------------------------- loading
@@ -246,11 +317,8 @@ def _try_download(dataset, data_root, logger):
 def load_raw(dataset, data_root, download=True, image_size=28, num_workers=0, logger=None):
     """Both splits of a dataset as CPU uint8 tensors: (train_x, train_y, test_x, test_y, info)."""
     if dataset == "folder":
-        tx, ty, classes = load_folder_split(data_root, "train", image_size, num_workers)
-        vx, vy, _ = load_folder_split(data_root, "test", image_size, num_workers, classes)
-        mean = tuple((tx.float().mean(dim=(0, 2, 3)) / 255).tolist())
-        std = tuple((tx.float().std(dim=(0, 2, 3)) / 255).clamp_min(1e-3).tolist())
-        return tx, ty, vx, vy, DataInfo("folder", classes, mean, std, 3, False, image_size)
+        ((tx, ty), _, (vx, vy)), info = load_folder(data_root, image_size, num_workers)
+        return tx, ty, vx, vy, info
     folder, classes, mean, std, channels, digit_style = DATASETS[dataset]
     if dataset == "cifar10":
         where = os.path.join(data_root, folder)
@@ -308,16 +376,40 @@ def hold_out(labels, fraction, seed):
     return keep.nonzero().squeeze(1), val
 
 
+def flip_choice(hflip, info, logger=None):
+    """data.hflip resolved: auto flips the natural-image sets (cifar10, fashion_mnist) and colour
+    image folders, never digits, and not a grey folder (digits, letters and other handed shapes
+    lose several points to flips)."""
+    if hflip != "auto":
+        return bool(hflip)
+    flip = info.dataset in ("cifar10", "fashion_mnist") or (info.dataset == "folder" and info.in_channels == 3)
+    if info.dataset == "folder" and logger:
+        logger.info(f"data.hflip=auto: {'random horizontal flips' if flip else 'no flips'} for this "
+                    f"{'colour' if flip else 'grey'} image folder; set data.hflip={str(not flip).lower()} "
+                    f"if its classes {'have a handedness (digits, letters)' if flip else 'are photos of objects'}")
+    return flip
+
+
 def load_data(dcfg, image_size, device, seed=0, logger=None):
-    """The train / val / test Splits and the DataInfo: limited to the first N images, a stratified
-    validation part held out of the training set when data.val_split > 0, moved to `device`."""
-    tx, ty, vx, vy, info = load_raw(dcfg.dataset, dcfg.data_root, dcfg.download, image_size, dcfg.num_workers, logger)
+    """The train / val / test Splits and the DataInfo: limited to the first N images, a validation
+    part (a folder set's val/, or a stratified data.val_split of the training set), moved to `device`."""
+    val = None
+    if dcfg.dataset == "folder":
+        ((tx, ty), val, (vx, vy)), info = load_folder(dcfg.data_root, image_size, dcfg.num_workers, dcfg.channels)
+    else:
+        tx, ty, vx, vy, info = load_raw(dcfg.dataset, dcfg.data_root, dcfg.download, image_size, dcfg.num_workers,
+                                        logger)
+    info.hflip = flip_choice(dcfg.hflip, info, logger)
     if dcfg.train_limit:
         tx, ty = tx[:dcfg.train_limit], ty[:dcfg.train_limit]
     if dcfg.test_limit:
         vx, vy = vx[:dcfg.test_limit], vy[:dcfg.test_limit]
     to = lambda t: t.to(device, non_blocking=True).contiguous()  # noqa: E731
     test = Split(to(vx), to(vy))
+    if val is not None:
+        if logger:
+            logger.info(f"validating on {os.path.join(dcfg.data_root, 'val')} ({len(val[1])} images)")
+        return Splits(Split(to(tx), to(ty)), Split(to(val[0]), to(val[1])), test, info)
     if not dcfg.val_split:
         return Splits(Split(to(tx), to(ty)), test, test, info)
     keep, held = hold_out(ty, dcfg.val_split, seed)
@@ -482,7 +574,6 @@ def mix_batch(x, gen, mixup_alpha, cutmix_alpha):
     return x, 1.0 - (y1 - y0) * (x1 - x0) / (H * W)
 
 
-NO_FLIP = {"mnist"}  # a mirrored digit is another symbol (or none); clothes and objects stay what they are
 
 
 def augment(x, gen, dcfg, digit_style, lo=0, total=None, flip_ok=None):

@@ -26,11 +26,12 @@ import warnings
 
 import torch
 
-from checkpoint import EXPORT_META, load_trained, read_safetensors, write_safetensors
+from checkpoint import EXPORT_META, load_trained
 from data import DataError, load_folder_split, load_raw, normalize
 from infer import PEN, find_checkpoint
 from model import build_model
-from utils import UserError, atomic_write_bytes, exit_with, load_config, user_errors
+from utils import (UserError, atomic_write_bytes, exit_with, load_config, read_safetensors, user_errors,
+                   write_safetensors)
 
 FILES = {"onnx": "model.onnx", "pt2": "model.pt2", "safetensors": "model.safetensors"}
 # the packages a format needs beyond requirements.txt

@@ -135,7 +135,7 @@ class ViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, dim))
         self.pos_drop = nn.Dropout(dropout)
-        rates = torch.linspace(0, drop_path, depth).tolist()  # deeper blocks are dropped more often
+        rates = torch.linspace(0, drop_path, depth, device="cpu").tolist()  # deeper blocks are dropped more often
         self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio, dropout, r) for r in rates])
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)

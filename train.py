@@ -11,6 +11,7 @@ the epoch, evaluation, the loop; runs.py keeps what a run leaves behind.
 """
 import argparse
 import contextlib
+import errno
 import math
 import os
 import sys
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from checkpoint import Checkpointer, TrainState, load_trained, newest_final
-from data import NO_FLIP, augment, batch_generator, epoch_permutation, load_data, mix_batch, normalize, shard_bounds
+from data import augment, batch_generator, epoch_permutation, load_data, mix_batch, normalize, shard_bounds
 from launch import (EXIT_LOST_PEER, EXIT_PREEMPTED, StopSignal, all_reduce_, check_local_launch, close_group, dist_env,
                     from_rank0, init_distributed, launch_local, leave_group, lost_peer, split_cpu_threads)
 from model import ModelEMA, build_model, model_args_from_config
@@ -57,6 +58,9 @@ def config_from_args(args):
 
 
 # ------------------------------------------------------------------------------- building the run
+
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+
 
 @dataclass
 class RunCtx:
@@ -208,8 +212,7 @@ def training_batch(split, idx, ctx, epoch, step):
     """This rank's augmented, normalised (and maybe mixed) slice of one global batch: (x, y, lam)."""
     d, b = ctx.cfg.data, ctx.cfg.train.batch_size
     gen = batch_generator(ctx.cfg.train.seed, epoch, step)
-    x = augment(split.images[idx], gen, d, ctx.info.digit_style, ctx.rank * b, b * ctx.world,
-                ctx.info.dataset not in NO_FLIP)
+    x = augment(split.images[idx], gen, d, ctx.info.digit_style, ctx.rank * b, b * ctx.world, ctx.info.hflip)
     x = normalize(x, ctx.info.mean, ctx.info.std, ctx.cfg.model.image_size)
     lam = 1.0
     if d.augment and (d.mixup_alpha > 0 or d.cutmix_alpha > 0) and not 0 < d.mix_off_epoch <= epoch:
@@ -514,6 +517,11 @@ def run(args, rank, world, local_rank):
         print_error(e, rank if world > 1 else None)
         return e.code
     except Exception as e:
+        if isinstance(e, OSError) and e.errno in WRITE_ERRORS:  # the disk filled up or went read-only mid-run
+            print_error(f"cannot write {e.filename or 'a file of the run'} ({e.strerror}); every checkpoint "
+                        f"written so far is whole: free space or fix the folder, then continue with "
+                        f"checkpoint.resume=true", rank if world > 1 else None)
+            return 1
         if not lost_peer(e, world):
             raise
         print(f"error (rank {rank}): another rank failed or stopped answering ({str(e).splitlines()[0][:160]}); "

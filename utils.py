@@ -10,6 +10,7 @@ import logging.handlers
 import math
 import os
 import random
+import struct
 import sys
 import time
 
@@ -33,6 +34,8 @@ class UserError(Exception):
 CHOICES = {
     "environment": ("local", "k8s"),
     "data.dataset": ("mnist", "fashion_mnist", "cifar10", "folder"),
+    "data.hflip": ("auto", True, False),
+    "data.channels": ("auto", 1, 3),
     "model.name": ("vit", "torchvision_vit", "resnet"),
     "model.pool": ("cls", "mean"),
     "model.stem": ("patch", "conv"),
@@ -344,6 +347,86 @@ def append_line(path, line):
 
 def write_metrics(path, history):
     atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in history).encode())
+
+
+# ------------------------------------------------------------------------------- safetensors
+
+# The safetensors format is read and written here, in a few dozen lines, so that reading an
+# export needs no extra package.
+# torch dtype <-> the safetensors name; every dtype a state_dict of ours can hold
+ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+             torch.bool: "BOOL"}
+ST_TORCH = {v: k for k, v in ST_DTYPES.items()}
+
+
+def safetensors_bytes(tensors, metadata=None):
+    """The safetensors encoding: an 8-byte little-endian header length, a JSON header giving each
+    tensor's dtype, shape and [begin, end) byte offsets (plus an optional `__metadata__` of strings),
+    then the raw little-endian bytes of every tensor, back to back."""
+    if sys.byteorder != "little":
+        raise UserError("writing safetensors needs a little-endian machine; export on x86 or ARM", code=1)
+    header = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}} if metadata else {}
+    chunks, offset = [], 0
+    # widest dtypes first: every tensor then starts at a multiple of its own element size
+    for name in sorted(tensors, key=lambda n: (-tensors[n].element_size(), n)):
+        t = tensors[name].detach().cpu().contiguous()
+        if t.dtype not in ST_DTYPES:
+            raise UserError(f"tensor {name} has dtype {t.dtype}, which safetensors export does not handle", code=1)
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": ST_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the format allows trailing spaces; 8-byte alignment keeps the data aligned
+    return struct.pack("<Q", len(head)) + head + b"".join(chunks)
+
+
+def write_safetensors(path, tensors, metadata=None):
+    atomic_write_bytes(path, safetensors_bytes(tensors, metadata))
+
+
+def read_safetensors(path):
+    """(name -> tensor, metadata) from a safetensors file. Raises ValueError naming what is wrong."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 8 or struct.unpack("<Q", raw[:8])[0] > len(raw) - 8:
+        raise ValueError("truncated: the header is longer than the file")
+    n = struct.unpack("<Q", raw[:8])[0]
+    try:
+        header = json.loads(raw[8:8 + n])
+    except ValueError:
+        raise ValueError("the header is not JSON") from None
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    metadata, body = header.pop("__metadata__", None) or {}, raw[8 + n:]
+    tensors, covered = {}, 0
+    for name, e in sorted(header.items(), key=lambda item: tuple(_offsets(item))):  # empty tensors first
+        begin, end = _offsets((name, e))
+        dtype = ST_TORCH.get(e.get("dtype"))
+        shape = e.get("shape")
+        if dtype is None or not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise ValueError(f"tensor {name}: unknown dtype {e.get('dtype')!r} or a bad shape {shape!r}")
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if begin != covered or end - begin != size or end > len(body):
+            raise ValueError(f"tensor {name}: bytes {begin}..{end} do not match its shape {shape} and dtype, "
+                             f"overlap another tensor or run past the end of the file")
+        chunk = bytearray(body[begin:end])  # a fresh buffer: aligned and writable
+        flat = torch.frombuffer(chunk, dtype=dtype) if chunk else torch.zeros(0, dtype=dtype)  # frombuffer wants bytes
+        tensors[name] = flat.reshape(shape)
+        covered = end
+    if covered != len(body):
+        raise ValueError(f"{len(body) - covered} bytes after the last tensor; the file is corrupt")
+    return tensors, metadata
+
+
+def _offsets(item):
+    name, e = item
+    offsets = e.get("data_offsets") if isinstance(e, dict) else None
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+        raise ValueError(f"tensor {name}: no [begin, end] data_offsets")
+    return offsets
 
 
 # ----------------------------------------------------------------------------------------- device

@@ -15,7 +15,8 @@ import torch
 import checkpoint
 import export
 import infer
-from checkpoint import load_trained, read_safetensors, save_checkpoint, write_safetensors
+from checkpoint import load_trained, save_checkpoint
+from utils import read_safetensors, write_safetensors
 from conftest import MNIST_INFO, ROOT, TINY_VIT, write_idx_set
 from data import load_raw, normalize
 from model import build_model
