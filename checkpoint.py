@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from launch import from_rank0
-from model import MODEL_NAMES, build_model, preferred_weights, strip_prefixes
+from model import MODEL_NAMES, build_model, preferred_weights, strip_prefixes, transfer_weights
 from utils import UserError, atomic_write_bytes, read_safetensors, seed_everything, to_plain
 
 FORMAT = 1
@@ -428,6 +428,19 @@ def load_weights(model, weights, path):
                         f"the file was edited or mixed from two runs", code=1) from None
 
 
+def weights_in(path):
+    """The weights file a path names: a file or export as it is; for a run folder its final
+    weights, else its best.pth, else its newest checkpoint."""
+    if not os.path.isdir(path) or is_export(path):
+        return path
+    found = newest_final(path) or next((p for p in [os.path.join(path, "best.pth")] if os.path.isfile(p)), None)
+    found = found or next(iter(list_checkpoints(path)), None)
+    if found is None:
+        raise UserError(f"{path} holds no weights (no *_final.pth, best.pth or epoch_*.pt); pass a weights file "
+                        f"or a run folder under checkpoint.dir")
+    return found
+
+
 def load_trained(path):
     """(model on the CPU with its preferred weights, the checkpoint, "EMA" or "raw") from a file
     that train.py wrote, or from a safetensors export (its folder, model.json or .safetensors file);
@@ -506,3 +519,25 @@ def load_export(path):
     ckpt = {"model_args": meta["model_args"], "data_info": meta["data_info"],
             "epoch": (meta.get("source") or {}).get("epoch"), "export": meta}
     return model, ckpt, meta.get("weights", "raw")
+
+
+def init_weights(model, path):
+    """Fill `model` from the weights at `path` (model.init_from: a weights file, a training
+    checkpoint, an export or a run folder), adapting the head, the position embedding and the
+    input channels. Returns one line that says what was loaded, reset and adapted."""
+    source = weights_in(path)
+    src_model, ckpt, kind = load_trained(source)
+    try:
+        state, notes = transfer_weights(src_model.state_dict(), model)
+    except ValueError as e:
+        raise UserError(f"model.init_from={path}: {e}; only the classifier head, the position embedding (image size) "
+                        f"and the input channels are adapted, so keep model.dim, depth, heads, patch_size and stem "
+                        f"as in that run") from None
+    model.load_state_dict(state)
+    parts = [f"loaded {notes['loaded']} of {len(state)} tensors"]
+    for what in ("reset", "resized", "adapted"):
+        if notes[what]:
+            parts.append(f"{what} {', '.join(notes[what])}")
+    info = ckpt["data_info"]
+    return (f"model.init_from {source} ({kind} weights of a {info['dataset']} model with "
+            f"{len(info['classes'])} classes): " + "; ".join(parts))

@@ -6,6 +6,7 @@ checkpoint carries, so infer.py and `train.py --eval` rebuild the model from a c
 This file imports nothing else of the project.
 """
 import copy
+import math
 
 import torch
 import torch.nn as nn
@@ -314,4 +315,61 @@ def preferred_weights(ckpt):
     """(state_dict, label): the EMA weights when the checkpoint has them, else the raw ones."""
     if ckpt.get("ema_model") is not None:
         return strip_prefixes(ckpt["ema_model"]), "EMA"
+    if isinstance(ckpt.get("ema"), dict) and ckpt["ema"].get("model") is not None:  # a training checkpoint's EMA
+        return strip_prefixes(ckpt["ema"]["model"]), "EMA"
     return strip_prefixes(ckpt["model"]), "raw"
+
+
+# --------------------------------------------------------------------------- starting from weights
+
+HEAD_KEYS = ("head.weight", "head.bias", "heads.head.weight", "heads.head.bias")  # reset for a new class count
+POS_KEYS = ("pos_embed", "encoder.pos_embedding")  # (1, 1 + grid cells, D): CLS first, then the patch grid
+
+
+def resize_pos_embed(pe, cells):
+    """(1, 1 + h*h, D) -> (1, 1 + cells, D): the CLS position kept, the square grid resized bicubically."""
+    src, dst = round(math.sqrt(pe.shape[1] - 1)), round(math.sqrt(cells))
+    grid = pe[:, 1:].reshape(1, src, src, -1).permute(0, 3, 1, 2)  # (1, D, h, h)
+    grid = F.interpolate(grid.float(), size=(dst, dst), mode="bicubic", align_corners=False).to(pe.dtype)
+    return torch.cat([pe[:, :1], grid.permute(0, 2, 3, 1).reshape(1, dst * dst, -1)], dim=1)
+
+
+def adapt_input_conv(w, channels):
+    """An input convolution (D, C, k, k) for another channel count: grey to colour repeats the kernel
+    and divides it by the new count (a grey image copied to every channel gives the same output);
+    colour to grey sums the kernels (a grey image seen as R = G = B)."""
+    if w.shape[1] == 1:
+        return w.repeat(1, channels, 1, 1) / channels
+    if channels == 1:
+        return w.sum(1, keepdim=True)
+    raise ValueError(f"cannot adapt {w.shape[1]} input channels to {channels}")
+
+
+def transfer_weights(src, model):
+    """The state dict of `model` filled from `src` (another model's state dict) wherever they
+    agree, and adapted where they may differ: the classifier head is reset when the class count
+    differs, the position embedding resized to the new patch grid, the input convolution adapted
+    to the new channel count. Returns (state dict, notes); raises ValueError naming both shapes for
+    a difference it cannot adapt (another width, depth or patch size)."""
+    dst, notes = model.state_dict(), {"loaded": 0, "reset": [], "resized": [], "adapted": []}
+    missing = sorted(set(dst) - set(src) - set(HEAD_KEYS))
+    if missing or set(src) - set(dst):
+        raise ValueError(f"the two models differ in their layers ({(missing or sorted(set(src) - set(dst)))[0]} is "
+                         f"only in {'this one' if missing else 'that one'}): another depth or model")
+    out = {}
+    for key, want in dst.items():
+        have = src.get(key)
+        if have is not None and have.shape == want.shape:
+            out[key], notes["loaded"] = have.to(want.dtype), notes["loaded"] + 1
+        elif key in HEAD_KEYS:
+            out[key] = want
+            notes["reset"].append(key)
+        elif key in POS_KEYS and have.shape[2] == want.shape[2]:
+            out[key] = resize_pos_embed(have, want.shape[1] - 1)
+            notes["resized"].append(f"{key} ({have.shape[1] - 1} -> {want.shape[1] - 1} patches)")
+        elif have.dim() == 4 and have.shape[0] == want.shape[0] and have.shape[2:] == want.shape[2:]:
+            out[key] = adapt_input_conv(have, want.shape[1]).to(want.dtype)
+            notes["adapted"].append(f"{key} ({have.shape[1]} -> {want.shape[1]} channels)")
+        else:
+            raise ValueError(f"{key} is {tuple(have.shape)} there and {tuple(want.shape)} here")
+    return out, notes

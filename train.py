@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from checkpoint import Checkpointer, TrainState, load_trained, newest_final
+from checkpoint import Checkpointer, TrainState, init_weights, load_trained, newest_final
 from data import augment, batch_generator, epoch_permutation, load_data, mix_batch, normalize, shard_bounds
 from launch import (EXIT_LOST_PEER, EXIT_PREEMPTED, StopSignal, all_reduce_, check_local_launch, close_group, dist_env,
                     from_rank0, init_distributed, launch_local, leave_group, lost_peer, split_cpu_threads)
@@ -482,6 +482,10 @@ def train_run(cfg, where, run, lock):
     model_args = model_args_from_config(cfg.model, splits.info.in_channels, len(splits.info.classes))
     t, state, ckpt = build_training(cfg, ctx, model_args), TrainState(), Checkpointer(cfg, ctx, model_args, run)
     resumed = ckpt.resume(t, state)
+    if not resumed and cfg.model.init_from:  # a resumed fine-tune continues from its own checkpoint instead
+        logger.info(init_weights(t.raw, cfg.model.init_from))
+        if t.ema is not None:
+            t.ema.restart()
     if resumed and finished(state, cfg.train):
         logger.info(f"run '{run.name}' has finished ({state.epoch} epochs; train.epochs={cfg.train.epochs}): nothing "
                     f"to train, no file changed. To train it further raise train.epochs; for a new run drop "
