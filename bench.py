@@ -18,10 +18,15 @@ steps; with --baseline the two pipelines take turns window by window, so a chang
 machine's load hits both. CUDA work is synchronized before every clock read. Evaluation passes
 never count as training time.
 """
+import os
+
+# Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning, so a run that shares
+# its cores with other work (another run, a browser) slows down in proportion, not several-fold.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import json
 import logging
-import os
 import platform
 import statistics
 import sys

@@ -18,10 +18,15 @@ as they read a checkpoint.
 ONNX goes through torch.onnx.export(dynamo=True): the torch.export-based exporter, the default
 since torch 2.9 (the TorchScript exporter, dynamo=False, is deprecated). It needs onnxscript.
 """
+import os
+
+# Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning, so a run that shares
+# its cores with other work (another run, a browser) slows down in proportion, not several-fold.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import importlib
 import json
-import os
 import warnings
 
 import torch

@@ -133,10 +133,13 @@ def all_reduce_(tensor, world):
     return tensor
 
 
-def split_cpu_threads(device):
-    """N workers on one machine's CPU share its cores instead of each taking all of them."""
+def cpu_threads(device, threads):
+    """train.threads, or by default: N workers on one machine's CPU share its cores instead of each
+    taking all of them."""
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # unset in a PyTorchJob pod: one process per pod
-    if device.type == "cpu" and local_world > 1:
+    if threads:
+        torch.set_num_threads(threads)
+    elif device.type == "cpu" and local_world > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
 
 

@@ -9,11 +9,16 @@ One code path serves every world size: the data is sharded by rank, metrics are 
 sums, and only rank 0 writes files. The file reads top to bottom: arguments, building the run,
 the epoch, evaluation, the loop; runs.py keeps what a run leaves behind.
 """
+import os
+
+# Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning, so a run that shares
+# its cores with other work (another run, a browser) slows down in proportion, not several-fold.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import contextlib
 import errno
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -25,7 +30,7 @@ from omegaconf import OmegaConf
 from checkpoint import Checkpointer, TrainState, init_weights, load_trained, newest_final
 from data import augment, batch_generator, epoch_permutation, load_data, mix_batch, normalize, shard_bounds
 from launch import (EXIT_LOST_PEER, EXIT_PREEMPTED, StopSignal, all_reduce_, check_local_launch, close_group, dist_env,
-                    from_rank0, init_distributed, launch_local, leave_group, lost_peer, split_cpu_threads)
+                    from_rank0, init_distributed, launch_local, leave_group, lost_peer, cpu_threads)
 from model import ModelEMA, build_model, model_args_from_config
 from runs import Loggers, Progress, RunLock, choose_run, open_outputs, plot_confusion
 from utils import (UserError, ensure_writable, exit_with, load_config, print_error, resolve_device, seed_everything,
@@ -202,7 +207,7 @@ def setup(cfg, args, rank, world, local_rank):
     device = resolve_device(cfg.train.device, args.no_mps, local_rank)
     init_distributed(cfg, device, rank, world)
     logger = setup_logging(rank, cfg.log.level)
-    split_cpu_threads(device)
+    cpu_threads(device, cfg.train.threads)
     return device, logger
 
 
