@@ -35,12 +35,13 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import train
+from baseline import (Baseline, baseline_dims, baseline_eval, baseline_loaders, baseline_stepper, baseline_summary,
+                      baseline_time_to_acc)
 from checkpoint import TrainState
-from data import Split, load_data, load_raw
+from data import Split, load_data, load_raw, normalize
 from launch import StopSignal
 from model import model_args_from_config
 from utils import UserError, exit_with, load_config, resolve_device, user_errors
@@ -171,9 +172,10 @@ class Reporter:
         metrics = list(dict.fromkeys(m for p, m in self.values if p != "ratio"))
         rows = [("metric", "ours", "baseline", "ours/baseline")]
         for m in metrics:
-            ours, base = self.values.get(("ours", m), (None, "")), self.values.get(("baseline", m), (None, ""))
-            rows.append((f"{m} ({ours[1] or base[1]})", _fmt(ours[0]), _fmt(base[0]),
-                         _fmt(self.values.get(("ratio", m), (None,))[0], 2)))
+            ours = self.values.get(("ours", m)) or self.values.get(("device", m), (None, ""))
+            base = self.values.get(("baseline", m), (None, ""))
+            rows.append((f"{m} ({ours[1] or base[1]})", _fmt(ours[0], unit=ours[1] or base[1]),
+                         _fmt(base[0], unit=base[1]), _fmt(self.values.get(("ratio", m), (None,))[0], 2)))
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         for r in rows:
             print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))),
@@ -190,8 +192,10 @@ def _load_avg():
         return None
 
 
-def _fmt(v, digits=1):
-    return "-" if v is None else f"{v:,.{digits}f}"
+def _fmt(v, digits=1, unit=""):
+    if v is None:
+        return "-"
+    return f"{100 * v:.1f}%" if unit == "fraction of peak" else f"{v:,.{digits}f}"
 
 
 @dataclass
@@ -207,6 +211,8 @@ class Pipeline:
     eval_images: int
     time_to_acc: Callable   # time_to_acc(target, cap) -> (training seconds, test accuracy, [[s, acc], ...])
     extra: dict = field(default_factory=dict)  # more measurements: metric -> (value, unit, note)
+    flops: dict = field(default_factory=dict)  # model FLOPs per image: {"train": ..., "eval": ...}
+    dtype: torch.dtype = torch.float32         # the matrix dtype of its step (bf16/fp16 under autocast)
 
 
 def warm_up(pipe, steps):
@@ -226,6 +232,47 @@ def interleaved_seconds(fns, clock, windows):
             fn()
             seconds[i].append(clock.now() - t0)
     return seconds
+
+
+# ------------------------------------------------------------------------- against the hardware
+
+def matmul_peak(device, dtype, n=2048, repeats=5):
+    """FLOP/s of the fastest of `repeats` timed n x n matrix products in `dtype`, each repeat long
+    enough (about 0.2 s) to time: the practical peak that the model's FLOP/s are compared with."""
+    clock = Clock(device)
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    t0 = clock.now()
+    a @ b  # warm-up, and a first estimate of its time
+    reps = max(1, int(0.2 / max(clock.now() - t0, 1e-6)))
+    best = 0.0
+    for _ in range(repeats):
+        t0 = clock.now()
+        for _ in range(reps):
+            a @ b
+        best = max(best, 2 * n ** 3 * reps / (clock.now() - t0))
+    return best
+
+
+def flops_per_image(fn, batch):
+    """Model FLOPs of fn() (matrix products, convolutions, attention) counted by torch's
+    FlopCounterMode, per image of its batch."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / batch
+
+
+def emit_mfu(rep, pipe, rates, peaks):
+    """Achieved FLOP/s (FLOPs per image x images/s) against the measured peak of the same dtype."""
+    peak = peaks[pipe.dtype]
+    for kind in ("train", "eval"):
+        if kind not in pipe.flops:
+            continue
+        achieved = pipe.flops[kind] * rates[kind]
+        rep.emit(pipe.name, f"{kind}_mfu", round(achieved / peak, 4), "fraction of peak", pipe.summary,
+                 flops_per_image=round(pipe.flops[kind]), achieved_gflops=round(achieved / 1e9, 1),
+                 peak_gflops=round(peak / 1e9, 1), dtype=str(pipe.dtype).replace("torch.", ""),
+                 note="model FLOPs per image x median images/s, over the matmul peak measured in this run")
 
 
 # ------------------------------------------------------------------------------------ our pipeline
@@ -297,7 +344,21 @@ def setup_ours(cfg, args, device, clock):
         min(args.window_steps, spe), tcfg.batch_size, spe * tcfg.batch_size,
         lambda: train.evaluate(evaluated_model(t), sub, ctx, cfg.model.image_size, tcfg.eval_batch_size), len(sub),
         lambda target, cap: ours_time_to_acc(ctx, model_args, (train_split, test_split), clock, (target, cap)),
-        {"data_load_s": (round(load_s, 3), "s", "files to device-resident tensors")})
+        {"data_load_s": (round(load_s, 3), "s", "files to device-resident tensors")},
+        ours_flops(t, ctx, train_split, sub), ctx.amp_dtype or torch.float32)
+
+
+def ours_flops(t, ctx, split, test):
+    """FLOPs per image of one training step (forward and backward) and of evaluation, on the raw
+    model (a compiled graph hides its operations from the counter)."""
+    b = ctx.cfg.train.batch_size
+    x, y, lam = train.training_batch(split, torch.arange(b, device=ctx.device), ctx, 1, 0)
+    flops = {"train": flops_per_image(lambda: train.forward_backward(replace(t, model=t.raw), x, y, lam, ctx, True), b)}
+    t.optimizer.zero_grad(set_to_none=True)
+    xe = normalize(test.images[:b], ctx.info.mean, ctx.info.std, ctx.cfg.model.image_size)
+    with torch.no_grad():
+        flops["eval"] = flops_per_image(lambda: evaluated_model(t)(xe), len(xe))
+    return flops
 
 
 def _head(split, n):
@@ -314,157 +375,6 @@ def ours_summary(cfg, ctx, n_train):
 
 
 # ------------------------------------------------------------------------------ DataLoader baseline
-
-# A typical tutorial ViT for 28x28 digits: patch 4, dim 64, depth 6, 4 heads, MLP 2x.
-TUTORIAL_DIMS = {"patch_size": 4, "dim": 64, "depth": 6, "heads": 4, "mlp_ratio": 2.0, "dropout": 0.0}
-
-
-def baseline_dims(cfg, which):
-    """The baseline ViT's keys: the config's model, or the tutorial dims at the config's image size."""
-    m = cfg.model
-    dims = {"image_size": m.image_size, "patch_size": m.patch_size, "dim": m.dim, "depth": m.depth,
-            "heads": m.heads, "mlp_ratio": m.mlp_ratio, "dropout": m.dropout}
-    if which == "tutorial":
-        dims.update(TUTORIAL_DIMS)
-        if m.image_size % TUTORIAL_DIMS["patch_size"]:
-            raise UserError(f"--baseline-dims tutorial uses patch 4, which does not divide model.image_size="
-                            f"{m.image_size}; use a multiple of 4 or --baseline-dims config")
-    return dims
-
-
-class PILDataset(torch.utils.data.Dataset):
-    """torchvision.datasets.MNIST's behaviour: one PIL image per item, through `transform`."""
-
-    def __init__(self, images, labels, transform):
-        self.images, self.labels, self.transform = images.numpy(), labels.tolist(), transform
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        from PIL import Image
-        img = self.images[i]  # (C, H, W) uint8
-        pil = Image.fromarray(img[0]) if img.shape[0] == 1 else Image.fromarray(img.transpose(1, 2, 0))
-        return self.transform(pil), self.labels[i]
-
-
-class TutorialViT(nn.Module):
-    """The usual tutorial ViT: Conv2d patches, a CLS token, learned positions, nn.TransformerEncoder."""
-
-    def __init__(self, dims, in_channels, num_classes):
-        super().__init__()
-        n, dim = (dims["image_size"] // dims["patch_size"]) ** 2, dims["dim"]
-        self.patch = nn.Conv2d(in_channels, dim, kernel_size=dims["patch_size"], stride=dims["patch_size"])
-        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos = nn.Parameter(torch.randn(1, n + 1, dim) * 0.02)
-        layer = nn.TransformerEncoderLayer(dim, dims["heads"], int(dim * dims["mlp_ratio"]), dims["dropout"],
-                                           activation="gelu", batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, dims["depth"], enable_nested_tensor=False)  # pre-norm cannot nest
-        self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, num_classes)
-
-    def forward(self, x):
-        x = self.patch(x).flatten(2).transpose(1, 2)  # (B, N, D)
-        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos  # (B, N+1, D)
-        return self.head(self.norm(self.encoder(x))[:, 0])
-
-
-def baseline_loaders(cfg, args, info, tensors):
-    """DataLoaders over PIL images with per-sample ToTensor/Normalize; tensors = (tx, ty, vx, vy)."""
-    from torchvision import transforms
-
-    tx, ty, vx, vy = tensors
-    steps = [transforms.ToTensor(), transforms.Normalize(info.mean, info.std)]
-    if cfg.model.image_size != tx.shape[-1]:
-        steps.insert(0, transforms.Resize(cfg.model.image_size))
-    tf = transforms.Compose(steps)
-    g = torch.Generator().manual_seed(cfg.train.seed)
-    train_loader = torch.utils.data.DataLoader(PILDataset(tx, ty, tf), batch_size=args.baseline_batch, shuffle=True,
-                                               num_workers=args.baseline_workers, generator=g)
-    test_loader = torch.utils.data.DataLoader(PILDataset(vx, vy, tf), batch_size=cfg.train.eval_batch_size,
-                                              shuffle=False, num_workers=args.baseline_workers)
-    return train_loader, test_loader
-
-
-@dataclass
-class Baseline:
-    """The baseline's set-up: what its training and evaluation need."""
-    cfg: object
-    dims: dict
-    info: object
-    device: torch.device
-    epochs: int
-    loaders: tuple
-
-    def build(self):
-        """Model and optimizer: Adam 1e-3, cosine over `epochs` stepped once per epoch."""
-        torch.manual_seed(self.cfg.train.seed)
-        model = TutorialViT(self.dims, self.info.in_channels, len(self.info.classes)).to(self.device)
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-        return model, optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.epochs)
-
-
-def baseline_step(model, optimizer, batch, device, tally):
-    x, y = batch[0].to(device), batch[1].to(device)
-    optimizer.zero_grad()
-    out = model(x)
-    loss = F.cross_entropy(out, y)
-    loss.backward()
-    optimizer.step()
-    tally[0] += loss.item() * y.numel()  # a running loss and accuracy, as tutorials log them: a host sync per step
-    tally[1] += (out.argmax(1) == y).sum().item()
-
-
-def baseline_stepper(parts, loader, device):
-    """step_fn(n): n more baseline steps, a new shuffled epoch (and scheduler step) when one ends."""
-    model, optimizer, scheduler = parts
-    it, tally = [iter(loader)], [0.0, 0]
-    model.train()
-
-    def step_fn(n):
-        for _ in range(n):
-            batch = next(it[0], None)
-            if batch is None:
-                scheduler.step()
-                it[0] = iter(loader)
-                batch = next(it[0])
-            baseline_step(model, optimizer, batch, device, tally)
-    return step_fn
-
-
-@torch.no_grad()
-def baseline_eval(model, loader, device, limit=0):
-    model.eval()
-    correct = n = 0
-    for x, y in loader:
-        x, y = x.to(device), y.to(device)
-        correct += (model(x).argmax(1) == y).sum().item()
-        n += y.numel()
-        if limit and n >= limit:
-            break
-    model.train()
-    return correct / max(n, 1), n
-
-
-def baseline_time_to_acc(base, clock, target, cap):
-    """The baseline's loop from scratch, epoch by epoch, until test accuracy >= target; eval off the clock."""
-    (train_loader, test_loader), (model, optimizer, scheduler) = base.loaders, base.build()
-    spent, acc, curve, tally = 0.0, 0.0, [], [0.0, 0]
-    for _ in range(base.epochs):
-        t0, capped = clock.now(), False
-        for batch in train_loader:
-            baseline_step(model, optimizer, batch, base.device, tally)
-            if cap and spent + time.perf_counter() - t0 >= cap:
-                capped = True
-                break
-        scheduler.step()
-        spent += clock.now() - t0
-        acc = baseline_eval(model, test_loader, base.device)[0]
-        curve.append([round(spent, 2), round(acc, 4)])
-        if acc >= target or capped:
-            break
-    return spent, acc, curve
-
 
 def setup_baseline(cfg, args, device, clock):
     """The DataLoader baseline on the same files, at the chosen model dims."""
@@ -485,17 +395,17 @@ def setup_baseline(cfg, args, device, clock):
         baseline_stepper((model, optimizer, scheduler), base.loaders[0], device),
         min(args.window_steps, len(base.loaders[0])), args.baseline_batch, len(tx),
         lambda: baseline_eval(model, base.loaders[1], device, n_eval), n_eval,
-        lambda target, cap: baseline_time_to_acc(base, clock, target, cap))
+        lambda target, cap: baseline_time_to_acc(base, clock, target, cap), flops=baseline_flops(base, device))
 
 
-def baseline_summary(args, dims, dataset, n_train):
-    return {"dataset": dataset, "model": f"nn.TransformerEncoder (batch_first, norm_first), "
-            f"{args.baseline_dims} dims", "image_size": dims["image_size"], "patch": dims["patch_size"],
-            "dim": dims["dim"], "depth": dims["depth"], "heads": dims["heads"], "mlp_ratio": dims["mlp_ratio"],
-            "batch": args.baseline_batch, "optimizer": "adam", "lr": 1e-3,
-            "epochs": args.baseline_epochs, "scheduler": "cosine per epoch", "amp": "off", "compile": False,
-            "augment": False, "loader": f"DataLoader(num_workers={args.baseline_workers}) + ToTensor/Normalize",
-            "train_images": n_train}
+def baseline_flops(base, device):
+    """FLOPs per image of the baseline's training step and evaluation, on a copy of its model."""
+    model, _, _ = base.build()
+    x, y = (v.to(device) for v in next(iter(base.loaders[0])))
+    flops = {"train": flops_per_image(lambda: F.cross_entropy(model(x), y).backward(), len(x))}
+    with torch.no_grad():
+        flops["eval"] = flops_per_image(lambda: model(x), len(x))
+    return flops
 
 
 # ------------------------------------------------------------------------------------------ output
@@ -513,6 +423,7 @@ def emit_speed(rep, pipe, train_s, eval_s):
              windows=[round(r, 1) for r in rates], eval_images=pipe.eval_images)
     for metric, (value, unit, note) in pipe.extra.items():
         rep.emit(pipe.name, metric, value, unit, pipe.summary, note=note)
+    return {"train": med, "eval": statistics.median(rates)}
 
 
 def emit_memory(rep, pipe, memory):
@@ -558,9 +469,14 @@ def main(argv=None):
                                                             else [setup_ours])]
     train_s = interleaved_seconds([lambda p=p: p.train_steps(p.window_steps) for p, _ in pipes], clock, args.windows)
     eval_s = interleaved_seconds([p.evaluate for p, _ in pipes], clock, args.windows)
+    peaks = {dt: matmul_peak(device, dt) for dt in {p.dtype for p, _ in pipes}}
+    for dt, peak in peaks.items():
+        rep.emit("device", "matmul_peak_gflops", round(peak / 1e9, 1), "GFLOP/s", {"n": 2048},
+                 dtype=str(dt).replace("torch.", ""), note="the fastest of 5 timed 2048x2048 matrix products")
     for i, (pipe, memory) in enumerate(pipes):
-        emit_speed(rep, pipe, train_s[i], eval_s[i])
+        rates = emit_speed(rep, pipe, train_s[i], eval_s[i])
         emit_memory(rep, pipe, memory)
+        emit_mfu(rep, pipe, rates, peaks)
     if args.target_acc is not None:
         goal = (args.target_acc, args.max_train_s)
         for pipe, _ in pipes:

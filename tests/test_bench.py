@@ -61,6 +61,24 @@ def test_bench_with_baseline_reports_consistent_numbers(capsys, tiny_root):
         rec[("ours", "train_images_per_s")]["value"] / rec[("baseline", "train_images_per_s")]["value"], abs=0.002)
     assert ("ratio", "peak_rss_mib") not in rec  # the two peaks have different scopes
     assert "ours/baseline" in err and "train_images_per_s" in err
+    peak = rec[("device", "matmul_peak_gflops")]
+    assert peak["value"] > 1 and peak["dtype"] == "float32"
+    for pipeline in ("ours", "baseline"):
+        train_mfu, eval_mfu = rec[(pipeline, "train_mfu")], rec[(pipeline, "eval_mfu")]
+        assert 2.5 < train_mfu["flops_per_image"] / eval_mfu["flops_per_image"] < 3.5  # backward ~ 2x forward
+        rate = rec[(pipeline, "train_images_per_s")]["value"]
+        assert train_mfu["achieved_gflops"] == pytest.approx(train_mfu["flops_per_image"] * rate / 1e9, rel=0.01)
+        assert train_mfu["value"] == pytest.approx(train_mfu["achieved_gflops"] / peak["value"], rel=0.02)
+        assert 0 < train_mfu["value"] < 1.5
+    assert "train_mfu" in err and "%" in err
+
+
+def test_flops_are_counted_per_image_and_the_peak_is_a_rate():
+    lin = torch.nn.Linear(64, 32)
+    x = torch.randn(8, 64, requires_grad=True)
+    assert bench.flops_per_image(lambda: lin(x), 8) == 2 * 64 * 32  # one multiply-add per weight and image
+    assert bench.flops_per_image(lambda: lin(x).sum().backward(), 8) == 3 * 2 * 64 * 32  # + grads of x and w
+    assert 1e8 < bench.matmul_peak(torch.device("cpu"), torch.float32, n=256, repeats=2) < 1e14
 
 
 @pytest.mark.slow
