@@ -80,12 +80,19 @@ def list_images(path):
 
 def open_image(path):
     """The decoded image, upright as the camera meant it. Raises ValueError with a reason a user can act on."""
+    with open(path, "rb") as f:
+        return read_image(f)
+
+
+def read_image(f):
+    """open_image for an open binary file or io.BytesIO: what `--serve` decodes an upload with."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    if os.path.getsize(path) == 0:
+    if not f.read(1):
         raise ValueError("empty file (0 bytes)")
+    f.seek(0)
     try:
-        with Image.open(path) as im:
+        with Image.open(f) as im:
             im.load()
             im = ImageOps.exif_transpose(im)
     except UnidentifiedImageError:
