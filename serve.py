@@ -461,7 +461,7 @@ async function predict() {
     $("error").textContent = "no answer from the server (" + e.message + "); is infer.py --serve still running?";
   }
   busy = false;
-  body.dataset.answered = v;
+  body.dataset.answered = source ? v : version;  // cleared meanwhile: nothing is left to answer
   if (again) { again = false; predict(); }
 }
 
