@@ -4,6 +4,7 @@
     python infer.py --images photo.jpg --checkpoint checkpoints/mnist_transformer_final.pth
     python infer.py --images DIR --json --no-show          one JSON array on stdout and nothing else
     python infer.py --checkpoint exports/mnist             a safetensors export (python export.py)
+    python infer.py --serve                                a page at http://127.0.0.1:8000/ to draw or drop images
 
 For the MNIST-style sets the pictures are prepared the way MNIST was made, so that a phone photo
 or scan of dark ink on paper looks like the training data: grey, inverted when the background is
@@ -42,6 +43,12 @@ def parse_args(argv=None):
     p.add_argument("--json", action="store_true", help="print one JSON array to stdout and nothing else (no window)")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"),
                    help="where to run the model (default: auto)")
+    p.add_argument("--serve", action="store_true",
+                   help="instead of predicting files, serve a local page to draw a digit or drop a photo and see the "
+                        "prediction live, and a POST /predict endpoint (docs/serve.md)")
+    p.add_argument("--port", default="8000", help="port for --serve (default: 8000; 0 picks a free one)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address --serve listens on (default: 127.0.0.1, this machine only)")
     return p.parse_args(argv)
 
 
@@ -80,12 +87,19 @@ def list_images(path):
 
 def open_image(path):
     """The decoded image, upright as the camera meant it. Raises ValueError with a reason a user can act on."""
+    with open(path, "rb") as f:
+        return read_image(f)
+
+
+def read_image(f):
+    """open_image for an open binary file or io.BytesIO: what `--serve` decodes an upload with."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    if os.path.getsize(path) == 0:
+    if not f.read(1):
         raise ValueError("empty file (0 bytes)")
+    f.seek(0)
     try:
-        with Image.open(path) as im:
+        with Image.open(f) as im:
             im.load()
             im = ImageOps.exif_transpose(im)
     except UnidentifiedImageError:
@@ -337,6 +351,9 @@ def predict_files(files, model, info, image_size, device, output, show):
 
 
 def run(args):
+    if args.serve:
+        import serve  # the server and its page load only when asked for
+        return serve.run(args)
     show = choose_backend(not args.no_show and not args.json and display_available())
     files = list_images(args.images)
     path = find_checkpoint(args.checkpoint)
