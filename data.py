@@ -230,11 +230,6 @@ def image_uint8(im, size, channels=3):
     return a[None] if channels == 1 else a.transpose(2, 0, 1)
 
 
-def rgb_uint8(im, size):
-    """uint8 (3, size, size) of any PIL image (the colour models' input)."""
-    return image_uint8(im, size, 3)
-
-
 def _decode(path, size):
     from PIL import Image
     try:

@@ -13,18 +13,22 @@ into 28x28 centred on the centre of mass (Fashion-MNIST: a 28 box, centred on th
 widened). CIFAR-10 and folder models get RGB resized as in training. The model is rebuilt from the
 checkpoint alone, or from a safetensors export (python export.py --format safetensors).
 """
+import os
+
+# Before torch loads OpenMP: idle threads sleep instead of spinning (see train.py).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import json
 import math
-import os
 import sys
 
 import numpy as np
 import torch
 
-from data import IMAGE_EXTS, normalize, rgb_uint8
 from checkpoint import is_export, load_trained, newest_final
-from utils import UserError, exit_with, load_config, resolve_device, user_errors
+from data import IMAGE_EXTS, eight_bit, image_uint8, normalize
+from utils import UserError, ensure_writable, exit_with, load_config, resolve_device, user_errors
 
 MAX_SIDE = 1024  # larger photos are shrunk first: a 28x28 result needs no more, and it bounds the work
 PEN = 2.0  # the stroke width a fine pen is widened to, in output pixels (28x28, digit in a 20 px box)
@@ -236,7 +240,7 @@ def prepare(im, info):
         fashion = info.get("dataset") == "fashion_mnist"  # its items fill a 28 box, centred on the box
         return mnist_style(im, size, size if fashion else round(size * 20 / 28), by_mass=not fashion,
                            pen=None if fashion else PEN * size / 28)[None]
-    return rgb_uint8(im, size)
+    return image_uint8(im, size, int(info.get("in_channels", 3)))
 
 
 # ------------------------------------------------------------------------------------ predict
@@ -248,11 +252,25 @@ def predict(model, batch, info, image_size, device):
     return torch.softmax(model(x).float(), dim=1).cpu()
 
 
+def printable(path):
+    """A file name as text that can be printed and drawn: bytes that are not UTF-8 become U+FFFD."""
+    return os.fsencode(path).decode("utf-8", "replace")
+
+
 def figure_names(files):
-    """One figure name per file; the extension joins the name only where two files share a stem."""
+    """One figure name per file, never two alike: the extension joins the name where two files
+    share a stem, and a number where that still collides (a.png, a.jpg and a_png.png)."""
     stems = [os.path.splitext(os.path.basename(f))[0] for f in files]
-    return [f"{s}_{os.path.splitext(f)[1][1:].lower()}.png" if stems.count(s) > 1 else f"{s}.png"
-            for s, f in zip(stems, files)]
+    names, used = [], set()
+    for stem, f in zip(stems, files):
+        name = f"{stem}_{os.path.splitext(f)[1][1:].lower()}" if stems.count(stem) > 1 else stem
+        unique, n = name, 1
+        while unique in used:
+            n += 1
+            unique = f"{name}_{n}"
+        used.add(unique)
+        names.append(unique + ".png")
+    return names
 
 
 def save_figure(path, original, seen, probs, classes, title, keep_open):
@@ -261,7 +279,7 @@ def save_figure(path, original, seen, probs, classes, title, keep_open):
 
     pred = int(probs.argmax())
     fig, ax = plt.subplots(1, 3, figsize=(12, 3.6), gridspec_kw={"width_ratios": [1, 1, 1.8]})
-    ax[0].imshow(np.asarray(flatten_alpha(original).convert("RGB")))
+    ax[0].imshow(np.asarray(eight_bit(flatten_alpha(original)).convert("RGB")))
     ax[0].set_title(f"original {original.size[0]}x{original.size[1]} {original.mode}", fontsize=9)
     if seen.shape[0] == 1:
         ax[1].imshow(seen[0], cmap="gray", vmin=0, vmax=255)
@@ -278,7 +296,7 @@ def save_figure(path, original, seen, probs, classes, title, keep_open):
     ax[2].set_ylim(0, 1)
     ax[2].set_ylabel("probability")
     ax[2].set_title(f"{classes[pred]}  ({100 * float(probs[pred]):.1f}%)", color="tab:red")
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(printable(title), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     if not keep_open:
@@ -307,14 +325,15 @@ def choose_backend(show):
 
 
 def print_table(results):
-    width = max(len(r["file"]) for r in results)
+    width = max(len(printable(r["file"])) for r in results)
     print(f"{'file':<{width}}  {'class':<12} {'conf':>6}  top-3")
     for r in results:
+        name = printable(r["file"])
         if r["pred"] is None:
-            print(f"{r['file']:<{width}}  {'-':<12} {'-':>6}  error: {r['error']}")
+            print(f"{name:<{width}}  {'-':<12} {'-':>6}  error: {r['error']}")
         else:
-            top = " | ".join(f"{name} {100 * p:.1f}%" for name, p in r["top3"])
-            print(f"{r['file']:<{width}}  {r['label']:<12} {100 * r['confidence']:5.1f}%  {top}")
+            top = " | ".join(f"{label} {100 * p:.1f}%" for label, p in r["top3"])
+            print(f"{name:<{width}}  {r['label']:<12} {100 * r['confidence']:5.1f}%  {top}")
 
 
 def error_row(path, reason):
@@ -341,7 +360,6 @@ def predict_files(files, model, info, image_size, device, output, show):
     if good:
         batch = np.stack([prepare(opened[f], info) for f in good])  # (B, C, S, S) uint8
         probs = predict(model, batch, info, image_size, device)
-        os.makedirs(output, exist_ok=True)
         classes = list(info["classes"])
         for i, (f, name) in enumerate(zip(good, figure_names(good))):
             figure = os.path.join(output, name)
@@ -356,6 +374,7 @@ def run(args):
         return serve.run(args)
     show = choose_backend(not args.no_show and not args.json and display_available())
     files = list_images(args.images)
+    ensure_writable(args.output, "--output")  # before any work: the figures go there
     path = find_checkpoint(args.checkpoint)
     device = resolve_device(args.device)
     model, info, image_size = load_model(path, device)

@@ -1,6 +1,7 @@
 """Bad input, careless or hostile, ends the same way everywhere: a non-zero exit, one line that
 names the cause and the fix, no traceback, and nothing lost or left half-written."""
 import errno
+import json
 import gzip
 import io
 import os
@@ -232,3 +233,62 @@ def test_model_args_must_stay_positive_integers():
             checkpoint.check_model_args(dict(TINY_VIT, depth=bad), "x.pth")
     assert checkpoint.check_model_args(dict(TINY_VIT), "x.pth") > 0
     checkpoint.check_data_info(dict(MNIST_INFO), dict(TINY_VIT), "x.pth")
+
+
+# ----------------------------------------------------------------------------------- infer.py
+
+def grey_png(path, level=30):
+    Image.fromarray(np.full((40, 30), level, np.uint8)).save(path)
+
+
+def test_a_file_name_that_is_not_utf8_gets_its_own_row(tmp_path, capsys):
+    ckpt, folder = str(tmp_path / "w.pth"), tmp_path / "imgs"
+    tiny_weights_file(ckpt)
+    folder.mkdir()
+    grey_png(folder / "plain.png")
+    with open(os.path.join(os.fsencode(folder), b"caf\xe9.png"), "wb") as f:  # Latin-1 bytes, not UTF-8
+        Image.fromarray(np.full((40, 30), 200, np.uint8)).save(f, format="PNG")
+    out = str(tmp_path / "out")
+    assert infer.main(["--images", str(folder), "--checkpoint", ckpt, "--no-show", "--output", out]) == 0
+    table = capsys.readouterr().out
+    assert "caf\ufffd.png" in table and "plain.png" in table and "figures: 2" in table
+    assert infer.main(["--images", str(folder), "--checkpoint", ckpt, "--json", "--output", out]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["pred"] is not None for r in rows] == [True, True] and len({r["figure"] for r in rows}) == 2
+    assert all(os.path.exists(r["figure"]) for r in rows)
+
+
+def test_figure_names_never_collide(tmp_path, capsys):
+    ckpt, folder = str(tmp_path / "w.pth"), tmp_path / "imgs"
+    tiny_weights_file(ckpt)
+    folder.mkdir()
+    for name in ("a.png", "a.jpg", "a_png.png", "a_jpg.png", "b.bmp"):
+        Image.fromarray(np.full((40, 30), 30, np.uint8)).convert("RGB").save(folder / name)
+    out = tmp_path / "out"
+    assert infer.main(["--images", str(folder), "--checkpoint", ckpt, "--json", "--output", str(out)]) == 0
+    figures = [r["figure"] for r in json.loads(capsys.readouterr().out)]
+    assert len(figures) == 5 and len(set(figures)) == 5 and sorted(os.listdir(out)) == sorted(map(os.path.basename,
+                                                                                                   figures))
+
+
+def test_a_sixteen_bit_photo_is_scaled_for_a_colour_model_and_in_its_figure(tmp_path):
+    im = Image.fromarray(np.full((40, 30), 20000, np.uint16))  # mode I;16: 20000 / 65535 of white
+    info = dict(MNIST_INFO, dataset="folder", digit_style=False, in_channels=3, mean=[0.5] * 3, std=[0.5] * 3)
+    x = infer.prepare(im, info)
+    assert x.shape == (3, 28, 28) and abs(int(x.mean()) - round(20000 / 257)) <= 1  # not clipped to 255
+    assert infer.prepare(im, dict(info, in_channels=1)).shape == (1, 28, 28)  # a grey folder model
+    path = str(tmp_path / "fig.png")
+    infer.save_figure(path, im, x, torch.full((10,), 0.1), MNIST_INFO["classes"], "t", keep_open=False)
+    panel = np.asarray(Image.open(path).convert("L"))
+    h, w = panel.shape
+    assert panel[h // 3: 2 * h // 3, w // 12: w // 5].mean() < 150  # the original shows dark grey, not white
+
+
+def test_an_output_folder_that_cannot_be_written_is_one_line(tmp_path, capsys):
+    ckpt = str(tmp_path / "w.pth")
+    tiny_weights_file(ckpt)
+    (tmp_path / "taken").write_text("x")
+    args = ["--images", os.path.join(ROOT, "test_digit"), "--checkpoint", ckpt, "--output", str(tmp_path / "taken")]
+    assert infer.main(args + ["--no-show"]) == 1
+    line = one_line(capsys.readouterr().err)
+    assert "--output" in line and "is not a folder" in line

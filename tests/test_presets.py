@@ -1,5 +1,5 @@
 """Every preset in configs/ loads, states its status, trains on a small set in its dataset's real
-on-disk format, and repeats itself exactly with the same seed (issue 6, acceptance 5)."""
+on-disk format, and repeats itself exactly with the same seed."""
 import glob
 import json
 import os

@@ -451,7 +451,7 @@ def use_the_page(b, folder):
 def test_the_page_in_headless_chromium(tmp_path):
     """The page in a real browser, with a real model: its answers on photos and on ten real MNIST
     digits drawn on it must be infer.py --json's answers on the same images, and mostly right."""
-    ckpt = train_mnist(tmp_path)
+    ckpt = os.environ.get("SERVE_CHECKPOINT") or train_mnist(tmp_path)  # e.g. the default run's final weights
     last, info = load_checkpoint(ckpt)["history"][-1], load_checkpoint(ckpt)["data_info"]
     folder = tmp_path / "images"
     folder.mkdir()
