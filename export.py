@@ -1,6 +1,6 @@
 """Export a trained model for programs outside this toolkit, and check the export against PyTorch.
 
-    python export.py --checkpoint checkpoints/mnist_transformer_final.pth --output exports/mnist_onnx
+    python export.py --checkpoint checkpoints --output exports/mnist_onnx     (the newest run's final weights)
     python export.py --checkpoint PATH --format pt2|safetensors --output DIR [--check-images N] [--data-root DIR]
 
 Writes DIR/model.onnx (run with onnxruntime), DIR/model.pt2 (torch.export.load) or DIR/model.safetensors

@@ -1,7 +1,7 @@
 """Predict your own images with a trained checkpoint: a table (or JSON) and one figure per image.
 
     python infer.py                                        test_digit/ with the newest final weights
-    python infer.py --images photo.jpg --checkpoint checkpoints/mnist_transformer_final.pth
+    python infer.py --images photo.jpg --checkpoint checkpoints/RUN   a run's final weights
     python infer.py --images DIR --json --no-show          one JSON array on stdout and nothing else
     python infer.py --checkpoint exports/mnist             a safetensors export (python export.py)
     python infer.py --serve                                a page at http://127.0.0.1:8000/ to draw or drop images
