@@ -304,6 +304,27 @@ def test_pytorchjob_style_launch_by_hand(reference, data_root, tmp_path):
     assert "INFO" not in read_text(str(tmp_path), "rank1.out")  # other ranks: warnings only
 
 
+@pytest.mark.slow
+def test_val_split_counts_are_exact_on_2_ranks(data_root, tmp_path):
+    """data.val_split=0.1 of 640 images on 2 ranks: every epoch validates on exactly the 64 held-out
+    images, the test split (1001) is evaluated once at the end, and the numbers are the 1-process ones."""
+    import json
+    held = ("data.val_split=0.1",)
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    assert train.main(args_for(one, data_root, *held)) == 0
+    cmd = [sys.executable, TRAIN_PY, "--num-gpus", "2"] + args_for(two, data_root, *held, *TWO_RANKS)
+    r = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    m1, m2 = (read_metrics(os.path.join(d, "logs", RUN)) for d in (one, two))
+    assert [rec["val_images"] for rec in m2] == [64, 64] and [rec["world_size"] for rec in m2] == [2, 2]
+    for a, b in zip(m1, m2):
+        assert a["val_acc"] == pytest.approx(b["val_acc"], abs=2e-3) and a["val_loss"] == pytest.approx(b["val_loss"],
+                                                                                                         rel=1e-4)
+    s1, s2 = (json.load(open(os.path.join(d, "logs", RUN, "summary.json"))) for d in (one, two))
+    assert s1["test_images"] == s2["test_images"] == 1001
+    assert s2["test_acc"] == pytest.approx(s1["test_acc"], abs=2e-3)
+
+
 # --------------------------------------------------------------------------------- resume N -> M
 
 @pytest.mark.slow
