@@ -62,6 +62,8 @@ def parse_args(argv=None):
                    help="also train from scratch until test accuracy >= A, e.g. 0.98 (default: off)")
     p.add_argument("--max-train-s", type=float, default=0.0,
                    help="stop a --target-acc run after this many training seconds (default: 0, no cap)")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="also profile STEPS training steps of our pipeline and print where the time goes (default: 0)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads for both pipelines (default: 0, torch's own choice: one per core)")
     p.add_argument("--baseline-workers", type=int, default=0,
@@ -80,7 +82,7 @@ def check_args(args):
     for name in ("windows", "window_steps", "baseline_batch", "baseline_epochs"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
-    for name in ("warmup_steps", "eval_images", "threads", "baseline_workers", "max_train_s"):
+    for name in ("warmup_steps", "eval_images", "threads", "baseline_workers", "max_train_s", "profile"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 0")
     if args.target_acc is not None and not 0 < args.target_acc <= 1:
@@ -146,10 +148,13 @@ class Reporter:
                        "torch_threads": torch.get_num_threads()}
         self.values, self.windows = {}, {}
 
-    def emit(self, pipeline, metric, value, unit, config, **extra):
+    def emit(self, pipeline, metric, value, unit, config, echo=True, **extra):
+        """One JSON line; `echo=False` keeps it out of the summary table (one of many alike)."""
         rec = {"pipeline": pipeline, "metric": metric, "value": value, "unit": unit, "config": config,
                **self.common, "load_avg_1m": _load_avg(), **extra}
         print(json.dumps(rec), flush=True)
+        if not echo:
+            return
         self.values[(pipeline, metric)] = (value, unit)
         if "windows" in extra:
             self.windows[(pipeline, metric)] = extra["windows"]
@@ -273,6 +278,25 @@ def emit_mfu(rep, pipe, rates, peaks):
                  flops_per_image=round(pipe.flops[kind]), achieved_gflops=round(achieved / 1e9, 1),
                  peak_gflops=round(peak / 1e9, 1), dtype=str(pipe.dtype).replace("torch.", ""),
                  note="model FLOPs per image x median images/s, over the matmul peak measured in this run")
+
+
+def profile_steps(rep, pipe, steps, top=15):
+    """Where the time of `steps` training steps goes: the operators with the most self time (on
+    the device that ran them), their share of the total, one JSON line each and a table."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        pipe.train_steps(steps)
+    events = prof.key_averages()
+    key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    total = sum(getattr(e, key) for e in events) or 1
+    print(f"\nwhere {steps} training steps spend their time ({key.replace('_', ' ')}):", file=sys.stderr)
+    for e in sorted(events, key=lambda e: getattr(e, key), reverse=True)[:top]:
+        share = getattr(e, key) / total
+        rep.emit(pipe.name, "profile_share", round(share, 4), "fraction of self time", pipe.summary, op=e.key,
+                 calls=e.count, self_ms=round(getattr(e, key) / 1000, 2), steps=steps, echo=False)
+        print(f"  {100 * share:5.1f}%  {e.key:<40} {e.count:>7} calls  {getattr(e, key) / 1000:9.1f} ms",
+              file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------------ our pipeline
@@ -483,6 +507,8 @@ def main(argv=None):
             emit_tta(rep, pipe, goal, pipe.time_to_acc(*goal))
     rep.ratios({"baseline_dims": args.baseline_dims})
     rep.table()
+    if args.profile:
+        profile_steps(rep, pipes[0][0], args.profile)
     return 0
 
 

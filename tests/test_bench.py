@@ -127,3 +127,16 @@ def test_bad_input_is_one_line_error(capsys, tiny_root, flags, needle):
     out, err = capsys.readouterr()
     assert code != 0 and out == ""
     assert err.startswith("error: ") and needle in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_profile_says_where_the_time_goes(capsys, tiny_root):
+    code = bench.main(["--threads", "1", "--windows", "1", "--window-steps", "1", "--warmup-steps", "1",
+                       "--eval-images", "64", "--profile", "3", f"data.data_root={tiny_root}", *TINY])
+    out, err = capsys.readouterr()
+    shares = [r for r in map(json.loads, out.splitlines()) if r["metric"] == "profile_share"]
+    assert code == 0 and len(shares) == 15 and all(r["steps"] == 3 and r["calls"] >= 1 for r in shares)
+    assert 0.3 < sum(r["value"] for r in shares) <= 1.0001  # the top operators take most of the time
+    assert [r["value"] for r in shares] == sorted((r["value"] for r in shares), reverse=True)
+    assert any(r["op"] in ("aten::mm", "aten::addmm") for r in shares)
+    assert "where 3 training steps spend their time" in err
