@@ -399,7 +399,9 @@ def load_data(dcfg, image_size, device, seed=0, logger=None):
         tx, ty = tx[:dcfg.train_limit], ty[:dcfg.train_limit]
     if dcfg.test_limit:
         vx, vy = vx[:dcfg.test_limit], vy[:dcfg.test_limit]
-    to = lambda t: t.to(device, non_blocking=True).contiguous()  # noqa: E731
+    # non-blocking only on CUDA: on MPS a non-blocking copy from host memory freed right after it can
+    # corrupt the data (pytorch/pytorch#139550), and these CPU tensors go as soon as this returns
+    to = lambda t: t.to(device, non_blocking=device.type == "cuda").contiguous()  # noqa: E731
     test = Split(to(vx), to(vy))
     if val is not None:
         if logger:
@@ -416,13 +418,30 @@ def load_data(dcfg, image_size, device, seed=0, logger=None):
 
 # --------------------------------------------------------------------------------- batch transforms
 
+def to_device(t, device):
+    """A small host tensor (a step's random draws) on `device` without making the host wait for the
+    work queued there: a blocking copy would wait for the device to drain its queue every step. CUDA
+    copies from pinned memory behind the queued work; MPS copies block, since a non-blocking copy from
+    memory freed right after it can corrupt the data (pytorch/pytorch#139550); the CPU keeps the tensor."""
+    if device.type == "cpu":
+        return t
+    if device.type == "mps":
+        return t.to(device)
+    return (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
+
+
+_STATS = {}  # (mean, std, device, dtype) -> the (1, C, 1, 1) tensors, made once: no copy to the device per batch
+
+
 def normalize(x, mean, std, image_size):
     """uint8 (B, C, H, W) -> float (B, C, S, S): scale, resize on the device if needed, standardise."""
     x = x.float().div_(255.0)
     if x.shape[-1] != image_size or x.shape[-2] != image_size:
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=False)
-    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    key = (tuple(mean), tuple(std), x.device, x.dtype)
+    if key not in _STATS:
+        _STATS[key] = tuple(torch.tensor(v, device=x.device, dtype=x.dtype).view(1, -1, 1, 1) for v in (mean, std))
+    m, s = _STATS[key]
     return x.sub_(m).div_(s)
 
 
@@ -431,7 +450,7 @@ def random_shift(x, pad, offsets):
     random crop of the whole batch with two gathers and no Python loop. uint8 in, uint8 out."""
     B, C, H, W = x.shape
     padded = F.pad(x, (pad, pad, pad, pad))  # (B, C, H+2p, W+2p)
-    off = offsets.to(x.device)
+    off = to_device(offsets, x.device)
     rows = (off[0].view(B, 1) + torch.arange(H, device=x.device)).view(B, 1, H, 1)
     padded = padded.gather(2, rows.expand(B, C, H, W + 2 * pad))  # (B, C, H, W+2p)
     cols = (off[1].view(B, 1) + torch.arange(W, device=x.device)).view(B, 1, 1, W)
@@ -447,7 +466,7 @@ def random_affine(x, degrees, scale, gen, lo, total):
     zoom = 1 + (torch.rand(total, generator=gen)[lo:lo + B] * 2 - 1) * scale
     cos, sin, zero = torch.cos(angle) / zoom, torch.sin(angle) / zoom, torch.zeros(B)
     theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)  # (B, 2, 3)
-    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
+    grid = F.affine_grid(to_device(theta, x.device), list(x.shape), align_corners=False)
     out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return out.round_().clamp_(0, 255).to(torch.uint8)
 
@@ -493,16 +512,16 @@ def trivial_augment(x, gen, lo, total):
     y = x.float().div_(255.0)
     geometric = (op >= _OP["shear_x"]) & (op <= _OP["rotate"])
     if geometric.any():
-        idx = geometric.nonzero().squeeze(1).to(dev)
-        grid = F.affine_grid(theta[geometric].to(dev), [len(idx), C, H, W], align_corners=False)
+        idx = to_device(geometric.nonzero().squeeze(1), dev)
+        grid = F.affine_grid(to_device(theta[geometric], dev), [len(idx), C, H, W], align_corners=False)
         y[idx] = F.grid_sample(y[idx], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     factor = 1.0 + 0.9 * m
     for n in TRIVIAL_OPS[_OP["brightness"]:]:
         sel = op == _OP[n]  # on the CPU: no device sync to find out which images drew the op
         if not sel.any():
             continue
-        idx = sel.nonzero().squeeze(1).to(dev)
-        v, f = y[idx], factor[sel].to(dev)
+        idx = to_device(sel.nonzero().squeeze(1), dev)
+        v, f = y[idx], to_device(factor[sel], dev)
         if n == "brightness":
             v = _blend(v, torch.zeros_like(v), f)
         elif n == "color":
@@ -510,15 +529,15 @@ def trivial_augment(x, gen, lo, total):
         elif n == "contrast":
             v = _blend(v, _gray(v).mean(dim=(1, 2, 3), keepdim=True).expand_as(v), f)
         elif n == "sharpness":
-            k = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]], device=dev) / 13.0
+            k = to_device(torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0, dev)
             smooth = F.conv2d(F.pad(v, (1, 1, 1, 1), mode="replicate"), k.expand(C, 1, 3, 3).contiguous(), groups=C)
             v = _blend(v, smooth, f)
         elif n == "posterize":
-            bits = (8 - (mag[sel] * 4).floor()).to(dev).view(-1, 1, 1, 1)  # keep 8..4 bits
+            bits = to_device(8 - (mag[sel] * 4).floor(), dev).view(-1, 1, 1, 1)  # keep 8..4 bits
             step = 2.0 ** (8 - bits)
             v = ((v * 255).round() / step).floor() * step / 255
         elif n == "solarize":
-            threshold = (1.0 - mag[sel]).to(dev).view(-1, 1, 1, 1)
+            threshold = to_device(1.0 - mag[sel], dev).view(-1, 1, 1, 1)
             v = torch.where(v >= threshold, 1.0 - v, v)
         elif n == "autocontrast":
             low = v.amin(dim=(2, 3), keepdim=True)
@@ -528,24 +547,36 @@ def trivial_augment(x, gen, lo, total):
     return y.mul_(255).round_().clamp_(0, 255).to(torch.uint8)
 
 
+def erasing_noise(shape, gen, device):
+    """Uniform uint8 noise for the whole global batch of `shape`, from the batch's generator `gen`.
+    CUDA and MPS draw it on the device, from a generator seeded by one draw of `gen` (the same on every
+    rank, so a rank's rows are still the global batch's): building it on the host would cost every
+    rank the whole batch's noise and a copy each step. Elsewhere `gen` draws it, as on the CPU."""
+    if device.type in ("cuda", "mps"):
+        seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+        on_device = torch.Generator(device=device).manual_seed(seed)
+        return torch.randint(0, 256, shape, generator=on_device, dtype=torch.uint8, device=device)
+    return to_device(torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8), device)
+
+
 def random_erasing(x, p, gen, lo, total):
     """Random erasing (Zhong et al. 2017): with probability p per image, one rectangle of 2-33%
-    of the area and aspect ratio 0.3-3.3 is filled with uniform noise. One mask for the batch.
-    uint8 in, uint8 out."""
+    of the area and aspect ratio 0.3-3.3 is filled with uniform noise. One mask for the batch,
+    built on the device from the rectangles' corners. uint8 in, uint8 out."""
     B, C, H, W = x.shape
     draws = torch.rand(5, total, generator=gen)[:, lo:lo + B]
-    noise = torch.randint(0, 256, (total, C, H, W), generator=gen, dtype=torch.uint8)[lo:lo + B]
+    noise = erasing_noise((total, C, H, W), gen, x.device)[lo:lo + B]
     area = (0.02 + draws[0] * (1 / 3 - 0.02)) * H * W
     ratio = torch.exp(math.log(0.3) + draws[1] * (math.log(1 / 0.3) - math.log(0.3)))
     h = (area * ratio).sqrt().round().clamp(1, H)
     w = (area / ratio).sqrt().round().clamp(1, W)
     top = (draws[2] * (H - h + 1)).floor()
     left = (draws[3] * (W - w + 1)).floor()
-    rows, cols = torch.arange(H).view(1, H, 1), torch.arange(W).view(1, 1, W)
-    box = ((rows >= top.view(B, 1, 1)) & (rows < (top + h).view(B, 1, 1))
-           & (cols >= left.view(B, 1, 1)) & (cols < (left + w).view(B, 1, 1)))
-    box &= (draws[4] < p).view(B, 1, 1)
-    return torch.where(box.unsqueeze(1).to(x.device), noise.to(x.device), x)
+    corners = to_device(torch.stack([top, top + h, left, left + w, (draws[4] < p).float()]), x.device)
+    t0, t1, l0, l1, on = corners.view(5, B, 1, 1).unbind(0)
+    rows, cols = torch.arange(H, device=x.device).view(1, H, 1), torch.arange(W, device=x.device).view(1, 1, W)
+    box = (rows >= t0) & (rows < t1) & (cols >= l0) & (cols < l1) & (on > 0)
+    return torch.where(box.unsqueeze(1), noise, x)
 
 
 def mix_batch(x, gen, mixup_alpha, cutmix_alpha):
@@ -586,7 +617,7 @@ def augment(x, gen, dcfg, digit_style, lo=0, total=None, flip_ok=None):
     if pad:
         x = random_shift(x, pad, torch.randint(0, 2 * pad + 1, (2, total), generator=gen)[:, lo:lo + B])
     if dcfg.hflip and (not digit_style if flip_ok is None else flip_ok):
-        flip = (torch.rand(total, generator=gen) < 0.5)[lo:lo + B].to(x.device).view(B, 1, 1, 1)
+        flip = to_device((torch.rand(total, generator=gen) < 0.5)[lo:lo + B], x.device).view(B, 1, 1, 1)
         x = torch.where(flip, x.flip(-1), x)
     if dcfg.trivial_augment:
         x = trivial_augment(x, gen, lo, total)

@@ -261,13 +261,14 @@ def train_one_epoch(t, split, ctx, state, stop, progress=None):
     sums = torch.zeros(3, device=dev, dtype=fdtype)
     if ctx.rank == 0:
         sums += torch.tensor(state.sums, device=dev, dtype=fdtype)
+    n_step = torch.full((), float(b), device=dev, dtype=fdtype)  # made once: a copy per step would wait for the device
     for step in range(state.step, ctx.steps_per_epoch):
         x, y, lam = training_batch(split, perm[step * G + lo: step * G + lo + b], ctx, epoch, step)
         boundary = (step + 1) % tcfg.grad_accum == 0 or step + 1 == ctx.steps_per_epoch
         loss, logits = forward_backward(t, x, y, lam, ctx, boundary)
         with torch.no_grad():
             sums += torch.stack([loss.detach().to(fdtype) * y.numel(), (logits.argmax(1) == y).sum().to(fdtype),
-                                 torch.tensor(float(y.numel()), device=dev, dtype=fdtype)])
+                                 n_step])
         if boundary:
             optimizer_step(t, tcfg)
         state.step = step + 1
@@ -317,7 +318,7 @@ def evaluate(model, split, ctx, image_size, eval_batch_size):
         with torch.autocast(dev.type, dtype=ctx.amp_dtype or torch.float32, enabled=ctx.amp_dtype is not None):
             logits = model(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").to(loss_sum.dtype)
-        confusion += torch.bincount(y * C + logits.argmax(1), minlength=C * C)
+        confusion.index_add_(0, y * C + logits.argmax(1), torch.ones_like(y))  # bincount would wait for the device
     all_reduce_(loss_sum, ctx.world)
     all_reduce_(confusion, ctx.world)
     model.train(was_training)
