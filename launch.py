@@ -64,11 +64,27 @@ def init_distributed(cfg, device, rank, world):
     backend = pick_backend(cfg.distributed.backend, device)
     if backend == "nccl" and device.type != "cuda":
         raise UserError("distributed.backend=nccl needs CUDA; use distributed.backend=gloo for CPU workers")
+    if backend == "nccl":
+        check_one_gpu_per_process()
     if device.type == "cuda":
         torch.cuda.set_device(device)
     timeout = datetime.timedelta(seconds=cfg.distributed.timeout_s)
     _GROUP["store"] = group_store(rank, world, timeout)
-    dist.init_process_group(backend, store=_GROUP["store"], rank=rank, world_size=world, timeout=timeout)
+    bound = {"device_id": device} if backend == "nccl" else {}  # NCCL's communicator on this rank's GPU, made now
+    dist.init_process_group(backend, store=_GROUP["store"], rank=rank, world_size=world, timeout=timeout, **bound)
+
+
+def check_one_gpu_per_process():
+    """NCCL needs a GPU of its own for every process on a machine; with more processes than GPUs two
+    ranks share one and NCCL fails later with "Duplicate GPU detected", which the other ranks see as a
+    lost peer. Raises UserError before the group starts."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    gpus = torch.cuda.device_count()
+    if max(local_world, local_rank + 1) > gpus:
+        raise UserError(f"{max(local_world, local_rank + 1)} processes on this machine but {gpus} CUDA GPU(s) "
+                        f"visible, and NCCL needs one GPU per process; start at most {gpus} (torchrun "
+                        f"--nproc_per_node {gpus}, --num-gpus {gpus}), or add train.device=cpu for CPU workers on gloo")
 
 
 def group_store(rank, world, timeout):
@@ -112,10 +128,19 @@ def close_group():
     _GROUP.clear()
 
 
+LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Timed out waiting", "timed out",
+             "Watchdog caught collective operation timeout", "unhandled system error", "remote process exited",
+             "NCCL communicator was aborted")
+# NCCL errors of this rank's own making (its GPU, its set-up): the cause itself, never another rank's
+OWN_FAULT = ("Duplicate GPU detected", "invalid usage", "unhandled cuda error", "out of memory")
+
+
 def lost_peer(e, world):
     """A collective that failed because another rank died or hung: not a bug of this rank."""
-    markers = ("Connection closed by peer", "Connection reset by peer", "Timed out waiting", "timed out")
-    return world > 1 and (isinstance(e, getattr(dist, "DistError", ())) or any(m in str(e) for m in markers))
+    text = str(e)
+    if world == 1 or any(m in text for m in OWN_FAULT):
+        return False
+    return isinstance(e, getattr(dist, "DistError", ())) or any(m in text for m in LOST_PEER)
 
 
 def from_rank0(value, world):
