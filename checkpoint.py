@@ -225,24 +225,47 @@ def rebase_to_global_batch(ckpt, tcfg, world, schedule, state):
             f"resuming at step {state.step} of epoch {state.epoch + 1}, lr schedule at step {schedule.step_count}")
 
 
+def load_optimizer(optimizer, saved):
+    """optimizer.load_state_dict, keeping the implementation this run chose for its device. The saved
+    param_groups carry the writer's `fused`/`foreach`/`capturable`: a CPU checkpoint resumed on CUDA
+    would run the unfused loop (and fail under the fp16 grad scaler, which hands a fused optimizer its
+    scale), a CUDA one resumed on the CPU the fused kernel. The step counts go where the chosen one
+    keeps them: on the parameter's device when fused or capturable, else on the CPU."""
+    chosen = [{k: g[k] for k in ("fused", "foreach", "capturable") if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    for group, flags in zip(optimizer.param_groups, chosen):
+        group.update(flags)
+        on_device = bool(group.get("fused") or group.get("capturable"))
+        for p in group["params"]:
+            step = optimizer.state.get(p, {}).get("step")
+            if torch.is_tensor(step):
+                optimizer.state[p]["step"] = step.to(p.device if on_device else "cpu",
+                                                     torch.float32 if on_device else step.dtype)
+
+
 def restore(ckpt, t, state, rank):
-    """Load a training checkpoint into the training objects `t` and `state`."""
+    """Load a training checkpoint into the training objects `t` and `state`. Returns warnings to log:
+    what starts afresh because the checkpoint does not hold it."""
     t.raw.load_state_dict(ckpt["model"])
-    t.optimizer.load_state_dict(ckpt["optimizer"])
+    load_optimizer(t.optimizer, ckpt["optimizer"])
     t.schedule.load_state_dict(ckpt["scheduler"])
-    t.scaler.load_state_dict(ckpt["scaler"])
-    restarted_ema = False
+    notes = []
+    if ckpt.get("scaler"):
+        t.scaler.load_state_dict(ckpt["scaler"])
+    elif t.scaler.is_enabled():  # a disabled scaler (bf16, off, CPU) saves {}, which an enabled one refuses
+        notes.append("the checkpoint holds no grad-scaler state (train.amp was not fp16); the fp16 grad scaler "
+                     "starts fresh")
     if t.ema is not None and ckpt.get("ema"):
         t.ema.load_state_dict(ckpt["ema"])
     elif t.ema is not None:  # EMA switched on mid-run: start the average from the resumed weights
         t.ema.restart()
-        restarted_ema = True
+        notes.append("the checkpoint holds no EMA weights (train.ema was off); the EMA starts from its weights")
     state.epoch, state.step = int(ckpt["epoch"]), int(ckpt["step_in_epoch"])
     state.sums = list(ckpt["epoch_sums"]) if rank == 0 else [0.0, 0.0, 0.0]
     state.partial_time = float(ckpt["partial_time"])
     state.history, state.best_val_acc = list(ckpt["history"]), float(ckpt["best_val_acc"])
     state.bad_epochs = int(ckpt["bad_epochs"])
-    return restarted_ema
+    return notes
 
 
 # ------------------------------------------------------------------------------- save policy
@@ -327,14 +350,13 @@ class Checkpointer:
         check_same_run(path, ckpt, self.model_args, ctx.info.dataset)
         self.resumed_config = ckpt.get("config")
         try:
-            restarted_ema = restore(ckpt, t, state, ctx.rank)
+            notes = restore(ckpt, t, state, ctx.rank)
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
             why = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
             raise UserError(f"checkpoint '{path}' cannot be resumed ({why}); it was edited or damaged: resume an "
                             f"earlier one (checkpoint.resume_epoch=N) or start a new run", code=1) from None
-        if restarted_ema:
-            ctx.logger.warning("the checkpoint holds no EMA weights (train.ema was off); the EMA starts from its "
-                               "weights")
+        for note in notes:
+            ctx.logger.warning(note)
         self._restore_rng(ckpt, state)
         if ctx.world != int(ckpt.get("world_size", 1)):
             ctx.logger.info(f"checkpoint was written by {ckpt.get('world_size')} rank(s); continuing on {ctx.world}")
