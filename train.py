@@ -33,8 +33,8 @@ from launch import (EXIT_LOST_PEER, EXIT_PREEMPTED, StopSignal, all_reduce_, che
                     from_rank0, init_distributed, launch_local, leave_group, lost_peer, cpu_threads)
 from model import ModelEMA, build_model, model_args_from_config
 from runs import Loggers, Progress, RunLock, choose_run, open_outputs, plot_confusion
-from utils import (UserError, ensure_writable, exit_with, load_config, print_error, resolve_device, seed_everything,
-                   setup_logging, user_errors)
+from utils import (UserError, configure_cuda, ensure_writable, exit_with, load_config, print_error, resolve_device,
+                   seed_everything, setup_logging, user_errors)
 
 
 def parse_args(argv=None):
@@ -108,8 +108,16 @@ def build_optimizer(model, tcfg, lr, device):
     if tcfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=tcfg.momentum, nesterov=tcfg.momentum > 0)
     cls = torch.optim.AdamW if tcfg.optimizer == "adamw" else torch.optim.Adam
-    extra = {"fused": True} if device.type == "cuda" else {}
+    extra = {"fused": True} if fused_adam(device) else {}
     return cls(groups, lr=lr, amsgrad=tcfg.amsgrad, **extra)
+
+
+def fused_adam(device):
+    """Adam/AdamW as one fused kernel on CUDA: no per-parameter launches, and the grad scaler's
+    inf check stays on the device. The CPU has a fused kernel too (torch 2.14: 0.43 vs 2.0 ms per
+    step of the default model), but it rounds differently (val_acc 0.9598 vs 0.9596 after one epoch
+    on 20k images), so the CPU keeps the loop and its results."""
+    return device.type == "cuda"
 
 
 def lr_factor(step, total_steps, steps_per_epoch, tcfg):
@@ -190,9 +198,23 @@ def build_training(cfg, ctx, model_args):
     schedule = Schedule(optimizer, lr, tcfg.epochs * opt_steps_per_epoch, opt_steps_per_epoch, tcfg)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.amp_dtype == torch.float16)
     seed_everything(tcfg.seed + ctx.rank)  # dropout draws differ per rank
-    model = torch.compile(raw) if tcfg.compile else raw
+    model = compiled(raw, tcfg, ctx)
     ema = ModelEMA(raw, tcfg.ema_decay, tcfg.ema_warmup) if tcfg.ema else None
     return Training(raw, model, optimizer, schedule, scaler, ema)
+
+
+def compiled(raw, tcfg, ctx):
+    """torch.compile(raw) with train.compile_backend where it helps: not on MPS (off, with a line);
+    on the CPU it compiles, with a line on what that costs."""
+    if not tcfg.compile:
+        return raw
+    if ctx.device.type == "mps":
+        ctx.logger.info("train.compile is off on MPS: torch.compile's MPS backend is a prototype, and eager runs")
+        return raw
+    if ctx.device.type == "cpu":
+        ctx.logger.info("train.compile on the CPU: compiling takes about 30 s and measured slower end to end than "
+                        "eager on this project's CPU; train.compile=false skips it")
+    return torch.compile(raw, backend=tcfg.compile_backend)
 
 
 def wrap_ddp(t, ctx):
@@ -206,6 +228,7 @@ def setup(cfg, args, rank, world, local_rank):
     """Device, process group, logging, threads. Returns (device, logger)."""
     device = resolve_device(cfg.train.device, args.no_mps, local_rank)
     init_distributed(cfg, device, rank, world)
+    configure_cuda(device, cfg.train.tf32)
     logger = setup_logging(rank, cfg.log.level)
     cpu_threads(device, cfg.train.threads)
     return device, logger
