@@ -333,10 +333,21 @@ def evaluated_model(t):
     return t.ema.module if t.ema is not None else t.raw
 
 
+def compile_seconds(ctx, model_args, split, clock):
+    """With train.compile: one step of a throwaway copy, off the clock, so the run that is timed
+    reuses the compiled code; returns its seconds (compiling, mostly), or None without compile."""
+    if not ctx.cfg.train.compile:
+        return None
+    t0 = clock.now()
+    ours_stepper(train.build_training(ctx.cfg, ctx, model_args), split, ctx)(1)
+    return round(clock.now() - t0, 2)
+
+
 def ours_time_to_acc(ctx, model_args, splits, clock, goal):
     """Train from scratch epoch by epoch until test accuracy >= goal[0] (or goal[1] training
-    seconds pass); evaluation is off the clock."""
+    seconds pass); evaluation and compiling are off the clock (compile_s, apart)."""
     cfg, (target, cap) = ctx.cfg, goal
+    compile_s = compile_seconds(ctx, model_args, splits[0], clock)
     t = train.build_training(cfg, ctx, model_args)
     state, spent, acc, curve = TrainState(), 0.0, 0.0, []
     while state.epoch < cfg.train.epochs:
@@ -348,7 +359,7 @@ def ours_time_to_acc(ctx, model_args, splits, clock, goal):
         curve.append([round(spent, 2), round(acc, 4)])
         if acc >= target or stopped:
             break
-    return spent, acc, curve
+    return spent, acc, curve, {"compile_s": compile_s}
 
 
 def setup_ours(cfg, args, device, clock):
@@ -459,12 +470,12 @@ def emit_memory(rep, pipe, memory):
 
 
 def emit_tta(rep, pipe, goal, result):
-    (target, cap), (spent, acc, curve) = goal, result
+    (target, cap), (spent, acc, curve, *more) = goal, result
     reached = acc >= target
     rep.emit(pipe.name, f"time_to_{target:g}_s", round(spent, 2) if reached else None, "s", pipe.summary,
              reached=reached, final_acc=round(acc, 4), train_s=round(spent, 2), max_train_s=cap or None,
-             curve_s_acc=curve,
-             note="training seconds from a fresh model; evaluation after each epoch is off the clock")
+             curve_s_acc=curve, **(more[0] if more else {}),
+             note="training seconds from a fresh model; evaluation after each epoch and compiling are off the clock")
 
 
 def prepare(setup, cfg, args, device, clock):
