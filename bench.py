@@ -335,9 +335,12 @@ def evaluated_model(t):
 
 def compile_seconds(ctx, model_args, split, clock):
     """With train.compile: one step of a throwaway copy, off the clock, so the run that is timed
-    reuses the compiled code; returns its seconds (compiling, mostly), or None without compile."""
+    reuses the compiled code; returns its seconds (compiling, mostly), or None without compile.
+    Compiled code from earlier in this process (the warm-up) is dropped first, so this compiles
+    again, with torch's on-disk caches as the earlier compile left them."""
     if not ctx.cfg.train.compile:
         return None
+    torch._dynamo.reset()
     t0 = clock.now()
     ours_stepper(train.build_training(ctx.cfg, ctx, model_args), split, ctx)(1)
     return round(clock.now() - t0, 2)
