@@ -3,6 +3,7 @@
     python bench.py [--config FILE] [key.sub=value ...]                  our pipeline
     python bench.py --baseline [...]                                      and a DataLoader baseline, side by side
     python bench.py --target-acc 0.98 --max-train-s 900 [--baseline] [...]
+    python bench.py --suite gpu                                           the GPU suite (gpu_suite.py, docs/gpu.md)
 
 Our pipeline is train.py's own code: load_data, build_training, train_one_epoch and evaluate,
 called with the config's settings. The baseline is the usual tutorial pipeline at the same model
@@ -44,7 +45,7 @@ from checkpoint import TrainState
 from data import Split, load_data, load_raw, normalize
 from launch import StopSignal
 from model import model_args_from_config
-from utils import UserError, exit_with, load_config, resolve_device, user_errors
+from utils import UserError, configure_cuda, exit_with, load_config, resolve_device, user_errors
 
 
 def parse_args(argv=None):
@@ -74,6 +75,9 @@ def parse_args(argv=None):
     p.add_argument("--baseline-batch", type=int, default=64, help="baseline batch size (default: 64)")
     p.add_argument("--baseline-epochs", type=int, default=5,
                    help="baseline epochs, the length of its cosine schedule (default: 5)")
+    p.add_argument("--suite", choices=("gpu",), default=None,
+                   help="gpu: run the GPU suite instead (gpu_suite.py: training, launchers, resume, time to "
+                        "accuracy, throughput and MFU on one CUDA GPU; results/gpu/)")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. model.dim=64 train.batch_size=64")
     return p.parse_args(argv)
 
@@ -495,9 +499,13 @@ def prepare(setup, cfg, args, device, clock):
 @user_errors
 def main(argv=None):
     args = parse_args(argv)
+    if args.suite == "gpu":
+        import gpu_suite
+        return gpu_suite.run_suite(args)
     check_args(args)
     cfg = load_config(args.config, args.overrides)
     device = resolve_device(cfg.train.device)
+    configure_cuda(device, cfg.train.tf32)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.baseline:
