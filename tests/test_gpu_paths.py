@@ -140,7 +140,7 @@ def no_autocast(monkeypatch):
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: os.path.basename(p) if p else "config.yaml")
 def test_a_training_step_never_waits_for_the_device(path, no_autocast):
     """Every preset's step: augmentation, normalisation, forward, backward, clipping, the
-    optimizer, EMA and the running sums, with no host wait (CUDA: 5 to 22 per step before)."""
+    optimizer, EMA and the running sums, with no host wait."""
     per_step, seen = waits_per_step(path)
     assert per_step == 0, seen
 
@@ -157,7 +157,7 @@ def test_an_evaluation_batch_never_waits_for_the_device(path, no_autocast):
         with HostWaits() as counter:
             train.evaluate(t.raw, split, ctx, ctx.cfg.model.image_size, 100)
         counts.append(counter.waits)
-    assert (len(counts[1]) - len(counts[0])) / 2 == 0, counts[1]  # 3 per batch before: constants, bincount
+    assert (len(counts[1]) - len(counts[0])) / 2 == 0, counts[1]  # bincount and fresh constants would wait
     assert len(counts[0]) == 2  # once per pass: the loss and the confusion matrix read back
 
 
@@ -210,11 +210,12 @@ def test_the_data_set_is_copied_blocking_to_mps(monkeypatch, tmp_path, device, n
 
 
 def test_random_erasing_on_the_cpu_draws_what_it_always_drew():
-    """The mask is built from the rectangles' corners now; on the CPU the images are the same."""
+    """On the CPU, erasing gives exactly what the rule below gives with the batch's generator: a
+    mask of the rectangles made on the host, noise drawn after the five uniform draws."""
     x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
     gen = data.batch_generator(3, 1, 5)
     out = data.random_erasing(x[16:48], 0.5, gen, 16, 64)
-    gen = data.batch_generator(3, 1, 5)  # the rule as written before, drawn again
+    gen = data.batch_generator(3, 1, 5)  # the rule, drawn again
     draws = torch.rand(5, 64, generator=gen)[:, 16:48]
     noise = torch.randint(0, 256, (64, 3, 32, 32), generator=gen, dtype=torch.uint8)[16:48]
     area = (0.02 + draws[0] * (1 / 3 - 0.02)) * 1024
@@ -435,7 +436,7 @@ def test_resume_on_another_device_keeps_this_devices_optimizer(tmp_path, monkeyp
     steps = [s["step"] for s in t.optimizer.state.values()]
     assert steps and all(s.item() == 3 and s.dtype == torch.float32 for s in steps)
     before = t.raw.head.weight.clone()
-    fp16_steps(t, ctx, 2)  # unfused AdamW handed the scaler's grad_scale failed here
+    fp16_steps(t, ctx, 2)  # an unfused AdamW handed the scaler's grad_scale would fail here
     assert all(s.item() == 5 for s in steps) and not torch.equal(before, t.raw.head.weight)
 
 
