@@ -177,20 +177,12 @@ def piece_environment(suite):
             "bf16": torch.cuda.is_bf16_supported()}
 
 
-def piece_matmul_peak(suite, n=8192, reps=20):
-    """The bf16 matmul rate this GPU reaches (TFLOP/s), the denominator of MFU."""
-    a, b = (torch.randn(n, n, device=suite.device, dtype=torch.bfloat16) for _ in range(2))
-    for _ in range(3):
-        a @ b
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        a @ b
-    end.record()
-    end.synchronize()
-    tflops = 2 * n**3 * reps / (start.elapsed_time(end) / 1000) / 1e12
+def piece_matmul_peak(suite, n=8192):
+    """The bf16 matmul rate this GPU reaches (TFLOP/s), the denominator of MFU (bench.matmul_peak:
+    the fastest of 5 timed runs of about 0.2 s)."""
+    tflops = bench.matmul_peak(suite.device, torch.bfloat16, n=n) / 1e12
     suite.shared["peak_tflops"] = tflops
-    return {"ok": tflops > 0, "summary": f"{tflops:.0f} TFLOP/s bf16 ({n}^3 matmul)", "tflops": round(tflops, 1)}
+    return {"ok": tflops > 0, "summary": f"{tflops:.1f} TFLOP/s bf16 ({n}^3 matmul)", "tflops": round(tflops, 1)}
 
 
 def preset_training(path, device, *overrides):
@@ -371,15 +363,11 @@ def piece_time_to_99(suite):
             **({} if ok else {"output": tail(out, 900)})}
 
 
-def flops_per_image(cfg, in_channels, num_classes):
-    """Model FLOPs of one image's forward and backward (FlopCounterMode, on the meta device)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+def model_flops(cfg, in_channels, num_classes, batch=4):
+    """Model FLOPs of one image's forward and backward (bench.flops_per_image, on the meta device)."""
     model = build_model(train.model_args_from_config(cfg.model, in_channels, num_classes)).to("meta")
-    x = torch.empty(4, in_channels, cfg.model.image_size, cfg.model.image_size, device="meta")
-    with FlopCounterMode(display=False) as counter:
-        model(x).sum().backward()
-    return counter.get_total_flops() / 4
+    x = torch.empty(batch, in_channels, cfg.model.image_size, cfg.model.image_size, device="meta")
+    return bench.flops_per_image(lambda: model(x).sum().backward(), batch)
 
 
 def preset_throughput(suite, path, root):
@@ -395,7 +383,7 @@ def preset_throughput(suite, path, root):
     eval_ips = statistics.median(pipe.eval_images / s for s in eval_s)
     evals = 2 if cfg.train.ema else 1
     minutes = cfg.train.epochs * (50000 / ips + evals * 10000 / eval_ips) / 60  # CIFAR-10: 50k train, 10k test
-    flops = flops_per_image(cfg, 3, 10)
+    flops = pipe.flops["train"]  # bench counted one real training step's forward and backward
     peak = suite.shared.get("peak_tflops")
     return {"preset": path, "batch": cfg.train.batch_size, "amp": pipe.summary["amp"], "compile": cfg.train.compile,
             "train_images_per_s": round(ips, 1), "eval_images_per_s": round(eval_ips, 1), "epochs": cfg.train.epochs,
@@ -420,7 +408,7 @@ def piece_cifar_presets(suite):
 def piece_mnist_mfu(suite):
     """MFU of the default model's one-epoch runs (their images/s from piece mnist_epochs)."""
     cfg, peak = load_config(None, []), suite.shared.get("peak_tflops")
-    flops = flops_per_image(cfg, 1, 10)
+    flops = model_flops(cfg, 1, 10)
     rows = [{"mode": mode, "images_per_s": ips, "gflops_per_image": round(flops / 1e9, 4),
              "mfu_pct": round(100 * flops * ips / (peak * 1e12), 3) if ips and peak else None}
             for mode, ips in suite.shared.get("mnist_ips", {}).items()]
