@@ -273,10 +273,12 @@ def figure_names(files):
     return names
 
 
-def save_figure(path, original, seen, probs, classes, title, keep_open):
-    """The original, the model's view of it, and the class probabilities with the prediction in red."""
+def save_figure(path, views, probs, classes, title, keep_open):
+    """The original, the model's view of it (views = (PIL image, uint8 (C, S, S))), and the class
+    probabilities with the prediction in red."""
     import matplotlib.pyplot as plt
 
+    original, seen = views
     pred = int(probs.argmax())
     fig, ax = plt.subplots(1, 3, figsize=(12, 3.6), gridspec_kw={"width_ratios": [1, 1, 1.8]})
     ax[0].imshow(np.asarray(eight_bit(flatten_alpha(original)).convert("RGB")))
@@ -347,9 +349,10 @@ def prediction_row(path, p, classes, figure):
             "top3": [[classes[int(k)], round(float(v), 6)] for v, k in zip(top.values, top.indices)], "figure": figure}
 
 
-def predict_files(files, model, info, image_size, device, output, show):
+def predict_files(files, loaded, device, output, show):
     """One row per file, in the order given: unreadable files get an error, the rest go through
-    the model as one batch and get a figure each."""
+    the model (loaded = load_model's (model, data_info, image_size)) as one batch and get a figure each."""
+    model, info, image_size = loaded
     rows, opened = {}, {}
     for f in files:
         try:
@@ -363,7 +366,8 @@ def predict_files(files, model, info, image_size, device, output, show):
         classes = list(info["classes"])
         for i, (f, name) in enumerate(zip(good, figure_names(good))):
             figure = os.path.join(output, name)
-            save_figure(figure, opened[f], batch[i], probs[i], classes, os.path.basename(f), keep_open=show and i < 12)
+            keep_open = show and i < 12  # a window per figure, up to a dozen
+            save_figure(figure, (opened[f], batch[i]), probs[i], classes, os.path.basename(f), keep_open)
             rows[f] = prediction_row(f, probs[i], classes, figure)
     return [rows[f] for f in files]
 
@@ -377,8 +381,9 @@ def run(args):
     ensure_writable(args.output, "--output")  # before any work: the figures go there
     path = find_checkpoint(args.checkpoint)
     device = resolve_device(args.device)
-    model, info, image_size = load_model(path, device)
-    results = predict_files(files, model, info, image_size, device, args.output, show)
+    loaded = load_model(path, device)
+    info = loaded[1]
+    results = predict_files(files, loaded, device, args.output, show)
     n_good = sum(r["pred"] is not None for r in results)
     if args.json:
         print(json.dumps(results))

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from checkpoint import Checkpointer, TrainState, init_weights, load_trained, newest_final
-from data import augment, batch_generator, epoch_permutation, load_data, mix_batch, normalize, shard_bounds
+from augment import augment, batch_generator, mix_batch
+from data import epoch_permutation, load_data, normalize, shard_bounds
 from launch import (EXIT_LOST_PEER, EXIT_PREEMPTED, StopSignal, all_reduce_, check_local_launch, close_group, dist_env,
                     from_rank0, init_distributed, launch_local, leave_group, lost_peer, cpu_threads)
 from model import ModelEMA, build_model, model_args_from_config
@@ -240,7 +241,7 @@ def training_batch(split, idx, ctx, epoch, step):
     """This rank's augmented, normalised (and maybe mixed) slice of one global batch: (x, y, lam)."""
     d, b = ctx.cfg.data, ctx.cfg.train.batch_size
     gen = batch_generator(ctx.cfg.train.seed, epoch, step)
-    x = augment(split.images[idx], gen, d, ctx.info.digit_style, ctx.rank * b, b * ctx.world, ctx.info.hflip)
+    x = augment(split.images[idx], gen, d, ctx.info, (ctx.rank * b, b * ctx.world))
     x = normalize(x, ctx.info.mean, ctx.info.std, ctx.cfg.model.image_size)
     lam = 1.0
     if d.augment and (d.mixup_alpha > 0 or d.cutmix_alpha > 0) and not 0 < d.mix_off_epoch <= epoch:

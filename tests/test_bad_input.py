@@ -123,7 +123,7 @@ def test_a_second_process_on_the_same_run_is_refused(tmp_path, mnist_root, capsy
 @pytest.mark.parametrize("edit, words", [
     (lambda c: c["model_args"].update(dim="32"), "model_args.dim='32' is not an integer"),
     (lambda c: c["model_args"].update(name="transformer9000"), "model_args.name='transformer9000'"),
-    (lambda c: c["model_args"].update(dim=8192, depth=256, heads=8), "parameters, more than"),
+    (lambda c: c["model_args"].update(dim=8192, depth=16, heads=8), "parameters, more than"),
     (lambda c: c["model_args"].update(mlp_ratio=float("nan")), "model_args.mlp_ratio=nan"),
     (lambda c: c["model_args"].update(patch_size=5), "do not build a model"),
     (lambda c: c["model_args"].update(extra=1), r"unknown keys \['extra'\]"),
@@ -278,7 +278,7 @@ def test_a_sixteen_bit_photo_is_scaled_for_a_colour_model_and_in_its_figure(tmp_
     assert x.shape == (3, 28, 28) and abs(int(x.mean()) - round(20000 / 257)) <= 1  # not clipped to 255
     assert infer.prepare(im, dict(info, in_channels=1)).shape == (1, 28, 28)  # a grey folder model
     path = str(tmp_path / "fig.png")
-    infer.save_figure(path, im, x, torch.full((10,), 0.1), MNIST_INFO["classes"], "t", keep_open=False)
+    infer.save_figure(path, (im, x), torch.full((10,), 0.1), MNIST_INFO["classes"], "t", keep_open=False)
     panel = np.asarray(Image.open(path).convert("L"))
     h, w = panel.shape
     assert panel[h // 3: 2 * h // 3, w // 12: w // 5].mean() < 150  # the original shows dark grey, not white

@@ -7,6 +7,7 @@ import os
 import pickle
 import shutil
 import tarfile
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,10 +20,15 @@ import infer
 import train
 from checkpoint import load_checkpoint
 from conftest import ROOT, RUN, idx_bytes, small_run_args, write_cifar_set, write_idx_set
-from data import (TRIVIAL_OPS, DataError, augment, batch_generator, epoch_permutation, load_raw, mix_batch, normalize,
-                  random_erasing, read_idx, shard_bounds, trivial_augment)
+from augment import TRIVIAL_OPS, augment, batch_generator, mix_batch, random_erasing, trivial_augment
+from data import DataError, epoch_permutation, load_raw, normalize, read_idx, shard_bounds
 
 HAVE_MNIST = os.path.isfile(os.path.join(ROOT, "data", "MNIST", "raw", "t10k-images-idx3-ubyte.gz"))
+
+
+def style(digits, flip=None):
+    """The data set's side of augment(): digit-style or not, and whether to flip (default: not digits)."""
+    return SimpleNamespace(digit_style=digits, hflip=(not digits) if flip is None else flip)
 
 
 def aug_cfg(**kw):
@@ -124,21 +130,21 @@ def test_folder_dataset(tmp_path):
 def test_augment_keeps_shape_dtype_and_ink():
     x = torch.zeros(16, 1, 28, 28, dtype=torch.uint8)
     x[:, :, 10:18, 10:18] = 200  # ink well inside the 2-pixel shift range
-    out = augment(x, batch_generator(0, 1, 0), aug_cfg(), digit_style=True)
+    out = augment(x, batch_generator(0, 1, 0), aug_cfg(), style(True))
     assert out.shape == x.shape and out.dtype == torch.uint8
     assert torch.equal(out.float().sum((1, 2, 3)), x.float().sum((1, 2, 3)))
     assert not torch.equal(out, x)  # 16 images, some shifted
     rgb = torch.randint(0, 255, (8, 3, 32, 32), dtype=torch.uint8)
-    out = augment(rgb, batch_generator(0, 1, 0), aug_cfg(), digit_style=False)
+    out = augment(rgb, batch_generator(0, 1, 0), aug_cfg(), style(False))
     assert out.shape == rgb.shape and out.dtype == torch.uint8
-    assert torch.equal(augment(rgb, None, aug_cfg(augment=False), False), rgb)
+    assert torch.equal(augment(rgb, None, aug_cfg(augment=False), style(False)), rgb)
 
 
 def test_augment_slice_matches_global_batch():
     """A rank's part of the global batch gets exactly what a single process would give it."""
     x = torch.randint(0, 255, (8, 3, 32, 32), dtype=torch.uint8)
-    whole = augment(x, batch_generator(1, 2, 3), aug_cfg(), False)
-    half = augment(x[4:], batch_generator(1, 2, 3), aug_cfg(), False, lo=4, total=8)
+    whole = augment(x, batch_generator(1, 2, 3), aug_cfg(), style(False))
+    half = augment(x[4:], batch_generator(1, 2, 3), aug_cfg(), style(False), (4, 8))
     assert torch.equal(whole[4:], half)
 
 
@@ -146,13 +152,13 @@ def test_random_affine_rotates_per_image_and_keeps_ink():
     x = torch.zeros(32, 1, 28, 28, dtype=torch.uint8)
     x[:, :, 6:22, 12:16] = 255  # a vertical bar: rotation turns it, so its columns spread
     cfg = aug_cfg(translate=0, rotate=30, scale=0.1)
-    out = augment(x, batch_generator(0, 1, 0), cfg, digit_style=True)
+    out = augment(x, batch_generator(0, 1, 0), cfg, style(True))
     assert out.shape == x.shape and out.dtype == torch.uint8
     mass = out.float().sum((1, 2, 3)) / x.float().sum((1, 2, 3))
     assert ((mass > 0.75) & (mass < 1.3)).all()  # zoom of +-10% changes the area by at most ~21%
     width = (out > 127).any(dim=2).sum((1, 2))  # columns touched by the bar, per image
     assert width.max() > 6 and len(set(width.tolist())) > 3  # turned, and by different angles
-    half = augment(x[16:], batch_generator(0, 1, 0), cfg, True, lo=16, total=32)
+    half = augment(x[16:], batch_generator(0, 1, 0), cfg, style(True), (16, 32))
     assert torch.equal(out[16:], half)  # a rank's slice matches the global batch
 
 
@@ -160,8 +166,8 @@ def test_hflip_for_fashion_never_for_digits():
     x = torch.zeros(32, 1, 28, 28, dtype=torch.uint8)
     x[:, :, :, :5] = 255  # ink on the left edge only
     cfg = aug_cfg(translate=0)
-    digits = augment(x, batch_generator(0, 1, 0), cfg, True, flip_ok=False)
-    clothes = augment(x, batch_generator(0, 1, 0), cfg, True, flip_ok=True)
+    digits = augment(x, batch_generator(0, 1, 0), cfg, style(True, flip=False))
+    clothes = augment(x, batch_generator(0, 1, 0), cfg, style(True, flip=True))
     assert torch.equal(digits, x)
     flipped = clothes[:, 0, 0, -1] == 255
     assert 5 < int(flipped.sum()) < 27 and torch.equal(clothes[flipped], x[flipped].flip(-1))
@@ -180,7 +186,7 @@ def test_trivial_augment_changes_images_by_one_op_each_and_slices_match():
     half = trivial_augment(x[100:], batch_generator(0, 1, 0), 100, 256)
     assert torch.equal(out[100:], half)
     cfg = aug_cfg(trivial_augment=True, translate=0)
-    assert torch.equal(augment(x[:, :1], batch_generator(0, 1, 0), cfg, True),
+    assert torch.equal(augment(x[:, :1], batch_generator(0, 1, 0), cfg, style(True)),
                        trivial_augment(x[:, :1], batch_generator(0, 1, 0), 0, 256))  # digits: one channel
 
 

@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import bench
 import checkpoint
+import augment
 import data
 import gpu_suite
 import launch
@@ -211,9 +212,9 @@ def test_random_erasing_on_the_cpu_draws_what_it_always_drew():
     """On the CPU, erasing gives exactly what the rule below gives with the batch's generator: a
     mask of the rectangles made on the host, noise drawn after the five uniform draws."""
     x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
-    gen = data.batch_generator(3, 1, 5)
-    out = data.random_erasing(x[16:48], 0.5, gen, 16, 64)
-    gen = data.batch_generator(3, 1, 5)  # the rule, drawn again
+    gen = augment.batch_generator(3, 1, 5)
+    out = augment.random_erasing(x[16:48], 0.5, gen, 16, 64)
+    gen = augment.batch_generator(3, 1, 5)  # the rule, drawn again
     draws = torch.rand(5, 64, generator=gen)[:, 16:48]
     noise = torch.randint(0, 256, (64, 3, 32, 32), generator=gen, dtype=torch.uint8)[16:48]
     area = (0.02 + draws[0] * (1 / 3 - 0.02)) * 1024
@@ -548,8 +549,8 @@ def test_cuda_training_steps_never_synchronize(path, amp):
 @cuda_test
 def test_cuda_erasing_noise_is_reproducible_and_a_slice_matches_the_global_batch():
     x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, device="cuda")
-    whole = data.random_erasing(x, 1.0, data.batch_generator(0, 1, 0), 0, 64)
-    again = data.random_erasing(x, 1.0, data.batch_generator(0, 1, 0), 0, 64)
-    half = data.random_erasing(x[32:], 1.0, data.batch_generator(0, 1, 0), 32, 64)
+    whole = augment.random_erasing(x, 1.0, augment.batch_generator(0, 1, 0), 0, 64)
+    again = augment.random_erasing(x, 1.0, augment.batch_generator(0, 1, 0), 0, 64)
+    half = augment.random_erasing(x[32:], 1.0, augment.batch_generator(0, 1, 0), 32, 64)
     assert torch.equal(whole, again) and torch.equal(whole[32:], half) and not torch.equal(whole, x)
 
