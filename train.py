@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from checkpoint import Checkpointer, TrainState, init_weights, load_trained, newest_final
 from augment import augment, batch_generator, mix_batch
+from checkpoint import Checkpointer, TrainState, init_weights, load_trained, newest_final
 from data import epoch_permutation, load_data, normalize, shard_bounds
 from launch import (EXIT_LOST_PEER, EXIT_PREEMPTED, StopSignal, all_reduce_, check_local_launch, close_group, dist_env,
                     from_rank0, init_distributed, launch_local, leave_group, lost_peer, cpu_threads)
@@ -176,6 +176,19 @@ def amp_dtype_for(choice, device):
     if choice == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if choice == "bf16" else torch.float16
+
+
+def enough_epochs(cfg, steps_per_epoch, logger):
+    """cfg with train.epochs raised so that training takes at least train.min_steps steps: a small
+    data set gets as many updates as a large one would in its epochs."""
+    need = math.ceil(cfg.train.min_steps / steps_per_epoch)
+    if need <= cfg.train.epochs:
+        return cfg
+    logger.info(f"train.min_steps={cfg.train.min_steps}: {need} epochs of {steps_per_epoch} steps "
+                f"instead of train.epochs={cfg.train.epochs}")
+    cfg = OmegaConf.merge(cfg, {"train": {"epochs": need}})
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
 
 
 def count_steps(n_train, global_batch):
@@ -507,8 +520,9 @@ def train_run(cfg, where, run, lock):
     device, logger, rank, world = where
     splits = load_data(cfg.data, cfg.model.image_size, device, cfg.train.seed, logger)
     global_batch = cfg.train.batch_size * world
-    ctx = RunCtx(cfg, device, rank, world, splits.info, amp_dtype_for(cfg.train.amp, device),
-                 count_steps(len(splits.train), global_batch), logger)
+    steps = count_steps(len(splits.train), global_batch)
+    cfg = enough_epochs(cfg, steps, logger)
+    ctx = RunCtx(cfg, device, rank, world, splits.info, amp_dtype_for(cfg.train.amp, device), steps, logger)
     model_args = model_args_from_config(cfg.model, splits.info.in_channels, len(splits.info.classes))
     t, state, ckpt = build_training(cfg, ctx, model_args), TrainState(), Checkpointer(cfg, ctx, model_args, run)
     resumed = ckpt.resume(t, state)

@@ -108,3 +108,14 @@ def test_fine_tune_of_another_data_set_image_size_and_channels_then_resume(tmp_p
     log = (tmp_path / "ft" / "logs" / RUN / "train.log").read_text()
     assert log.count("model.init_from") == 1 and "resumed from" in log  # a resumed fine-tune does not re-load
     assert [r["epoch"] for r in read_metrics(tmp_path / "ft" / "logs" / RUN)] == [1, 2]
+
+
+def test_min_steps_raises_the_epochs_of_a_small_set(tmp_path):
+    import logging
+
+    from utils import load_config
+    cfg = load_config(None, ["train.epochs=3", "train.min_steps=100"])
+    assert train.enough_epochs(cfg, 31, logging.getLogger("t")).train.epochs == 4  # ceil(100 / 31)
+    assert train.enough_epochs(cfg, 40, logging.getLogger("t")) is cfg  # 3 epochs of 40 steps are enough
+    with pytest.raises(Exception, match="read-only"):
+        train.enough_epochs(cfg, 31, logging.getLogger("t")).train.epochs = 1
