@@ -41,8 +41,8 @@ class DataError(UserError):
 
 @dataclass
 class Split:
-    images: torch.Tensor  # (N, C, H, W) uint8, on the training device
-    labels: torch.Tensor  # (N,) int64, on the training device
+    images: torch.Tensor  # (N, C, H, W) uint8, on the training device (or in pinned host memory: see placement)
+    labels: torch.Tensor  # (N,) int64, beside the images
 
     def __len__(self):
         return self.labels.shape[0]
@@ -385,11 +385,40 @@ def flip_choice(hflip, info, logger=None):
     return flip
 
 
+def free_bytes(device):
+    """Memory a data set may take on `device`: what CUDA reports free, MPS's recommended maximum; None
+    for the CPU (there the data set is in host memory either way)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "mps":
+        return torch.mps.recommended_max_memory() - torch.mps.current_allocated_memory()
+    return None
+
+
+def placement(dcfg, image_size, device, logger=None):
+    """Where a folder data set lives, decided and logged before any image is decoded: on the device,
+    or, when its uint8 tensors would take more than half of the device's free memory (or
+    data.placement=host), in pinned host memory with each batch copied over. Data order and
+    augmentation are the same either way."""
+    n = sum(len(files) for _, _, files in os.walk(dcfg.data_root))
+    need = n * 3 * image_size * image_size  # at most 3 channels of uint8
+    free = free_bytes(device)
+    host = dcfg.placement == "host" or (dcfg.placement == "auto" and free is not None and need > free // 2)
+    if logger:
+        where = "pinned host memory, each batch copied to the device" if host else str(device)
+        room = f" ({free / 2**20:,.0f} MB free there)" if free is not None else ""
+        logger.info(f"folder data set: {n} files, at most {need / 2**20:,.0f} MB as uint8 at {image_size}x"
+                    f"{image_size}: kept in {where}{room}")
+    return host and device.type != "cpu"
+
+
 def load_data(dcfg, image_size, device, seed=0, logger=None):
     """The train / val / test Splits and the DataInfo: limited to the first N images, a validation
-    part (a folder set's val/, or a stratified data.val_split of the training set), moved to `device`."""
-    val = None
+    part (a folder set's val/, or a stratified data.val_split of the training set), moved to `device`
+    (a folder set too large for it stays in pinned host memory)."""
+    val, host = None, False
     if dcfg.dataset == "folder":
+        host = placement(dcfg, image_size, device, logger)
         ((tx, ty), val, (vx, vy)), info = load_folder(dcfg.data_root, image_size, dcfg.num_workers, dcfg.channels)
     else:
         tx, ty, vx, vy, info = load_raw(dcfg.dataset, dcfg.data_root, dcfg.download, image_size, dcfg.num_workers,
@@ -401,7 +430,10 @@ def load_data(dcfg, image_size, device, seed=0, logger=None):
         vx, vy = vx[:dcfg.test_limit], vy[:dcfg.test_limit]
     # non-blocking only on CUDA: on MPS a non-blocking copy from host memory freed right after it can
     # corrupt the data (pytorch/pytorch#139550), and these CPU tensors go as soon as this returns
-    to = lambda t: t.to(device, non_blocking=device.type == "cuda").contiguous()  # noqa: E731
+    def to(t):
+        if host:
+            return t.contiguous().pin_memory()
+        return t.to(device, non_blocking=device.type == "cuda").contiguous()
     test = Split(to(vx), to(vy))
     if val is not None:
         if logger:
@@ -423,7 +455,7 @@ def to_device(t, device):
     work queued there: a blocking copy would wait for the device to drain its queue every step. CUDA
     copies from pinned memory behind the queued work; MPS copies block, since a non-blocking copy from
     memory freed right after it can corrupt the data (pytorch/pytorch#139550); the CPU keeps the tensor."""
-    if device.type == "cpu":
+    if device.type == "cpu" or (t.device.type == device.type and device.type != "cuda") or t.device == device:
         return t
     if device.type == "mps":
         return t.to(device)

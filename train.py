@@ -29,7 +29,7 @@ from omegaconf import OmegaConf
 
 from augment import augment, batch_generator, mix_batch
 from checkpoint import Checkpointer, TrainState, init_weights, load_trained, newest_final
-from data import epoch_permutation, load_data, normalize, shard_bounds
+from data import epoch_permutation, load_data, normalize, shard_bounds, to_device
 from launch import (EXIT_LOST_PEER, EXIT_PREEMPTED, StopSignal, all_reduce_, check_local_launch, close_group, dist_env,
                     from_rank0, init_distributed, launch_local, leave_group, lost_peer, cpu_threads)
 from model import ModelEMA, build_model, model_args_from_config
@@ -254,12 +254,12 @@ def training_batch(split, idx, ctx, epoch, step):
     """This rank's augmented, normalised (and maybe mixed) slice of one global batch: (x, y, lam)."""
     d, b = ctx.cfg.data, ctx.cfg.train.batch_size
     gen = batch_generator(ctx.cfg.train.seed, epoch, step)
-    x = augment(split.images[idx], gen, d, ctx.info, (ctx.rank * b, b * ctx.world))
+    x = augment(to_device(split.images[idx], ctx.device), gen, d, ctx.info, (ctx.rank * b, b * ctx.world))
     x = normalize(x, ctx.info.mean, ctx.info.std, ctx.cfg.model.image_size)
     lam = 1.0
     if d.augment and (d.mixup_alpha > 0 or d.cutmix_alpha > 0) and not 0 < d.mix_off_epoch <= epoch:
         x, lam = mix_batch(x, gen, d.mixup_alpha, d.cutmix_alpha)  # pairs within this rank's slice
-    return x, split.labels[idx], lam
+    return x, to_device(split.labels[idx], ctx.device), lam
 
 
 def forward_backward(t, x, y, lam, ctx, boundary):
@@ -293,7 +293,7 @@ def train_one_epoch(t, split, ctx, state, stop, progress=None):
     tcfg, dev = ctx.cfg.train, ctx.device
     epoch, b = state.epoch + 1, tcfg.batch_size
     G, lo = b * ctx.world, ctx.rank * b
-    perm = epoch_permutation(len(split), tcfg.seed, epoch, dev)
+    perm = epoch_permutation(len(split), tcfg.seed, epoch, split.labels.device)  # where the split lives
     fdtype = torch.float32 if dev.type == "mps" else torch.float64
     sums = torch.zeros(3, device=dev, dtype=fdtype)
     if ctx.rank == 0:
@@ -350,8 +350,8 @@ def evaluate(model, split, ctx, image_size, eval_batch_size):
     confusion = torch.zeros(C * C, device=dev, dtype=torch.int64)
     for i in range(lo, hi, eval_batch_size):
         j = min(hi, i + eval_batch_size)
-        x = normalize(split.images[i:j], ctx.info.mean, ctx.info.std, image_size)
-        y = split.labels[i:j]
+        x = normalize(to_device(split.images[i:j], dev), ctx.info.mean, ctx.info.std, image_size)
+        y = to_device(split.labels[i:j], dev)
         with torch.autocast(dev.type, dtype=ctx.amp_dtype or torch.float32, enabled=ctx.amp_dtype is not None):
             logits = model(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").to(loss_sum.dtype)

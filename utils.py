@@ -36,6 +36,7 @@ CHOICES = {
     "data.dataset": ("mnist", "fashion_mnist", "cifar10", "folder"),
     "data.hflip": ("auto", True, False),
     "data.channels": ("auto", 1, 3),
+    "data.placement": ("auto", "device", "host"),
     "model.name": ("vit", "torchvision_vit", "resnet"),
     "model.pool": ("cls", "mean"),
     "model.stem": ("patch", "conv"),

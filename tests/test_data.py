@@ -19,7 +19,7 @@ import data
 import infer
 import train
 from checkpoint import load_checkpoint
-from conftest import ROOT, RUN, idx_bytes, small_run_args, write_cifar_set, write_idx_set
+from conftest import ROOT, RUN, idx_bytes, read_metrics, small_run_args, write_cifar_set, write_idx_set
 from augment import TRIVIAL_OPS, augment, batch_generator, mix_batch, random_erasing, trivial_augment
 from data import DataError, epoch_permutation, load_raw, normalize, read_idx, shard_bounds
 
@@ -344,3 +344,37 @@ def test_cifar_from_the_original_archive(tmp_path):
     shutil.rmtree(staging)
     tx, ty, vx, vy, info = data.load_raw("cifar10", str(root), download=False)
     assert tx.shape == (320, 3, 32, 32) and vx.shape == (100, 3, 32, 32) and info.classes == data.CIFAR10
+
+
+def test_a_folder_set_too_large_for_the_device_stays_in_host_memory(tmp_path, monkeypatch, caplog):
+    import logging
+    for k in range(2):
+        os.makedirs(tmp_path / "train" / str(k))
+        for i in range(5):
+            Image.new("L", (8, 8), 40 * i).save(tmp_path / "train" / str(k) / f"{i}.png")
+    cfg = OmegaConf.create({"data_root": str(tmp_path), "placement": "auto"})
+    logger = logging.getLogger("placement")
+    monkeypatch.setattr(data, "free_bytes", lambda device: 2 * 10 * 3 * 32 * 32 + 1)  # just enough room
+    with caplog.at_level(logging.INFO, logger="placement"):
+        assert not data.placement(cfg, 32, torch.device("cuda"), logger)
+        monkeypatch.setattr(data, "free_bytes", lambda device: 2 * 10 * 3 * 32 * 32 - 1)  # half is too little
+        assert data.placement(cfg, 32, torch.device("cuda"), logger)
+    assert "10 files, at most 0 MB as uint8 at 32x32: kept in cuda" in caplog.text
+    assert "kept in pinned host memory" in caplog.text
+    assert not data.placement(OmegaConf.create({"data_root": str(tmp_path), "placement": "host"}), 32,
+                              torch.device("cpu"), None)  # on the CPU the data is in host memory anyway
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_host_placement_trains_exactly_like_device_placement(tmp_path):
+    from test_finetune import grey_folder
+    grey_folder(str(tmp_path / "folder"))
+    runs = []
+    for where in ("device", "host"):
+        args = small_run_args(tmp_path / where, tmp_path / "folder", "data.dataset=folder", "train.epochs=2",
+                              "train.device=cuda", f"data.placement={where}", "train.batch_size=16")
+        assert train.main(args) == 0
+        runs.append([{k: v for k, v in r.items() if "time" not in k and "per_s" not in k}
+                     for r in read_metrics(tmp_path / where / "logs" / RUN)])
+    assert runs[0] == runs[1]
