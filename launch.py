@@ -23,6 +23,7 @@ _GROUP = {}  # the store of this process's group; leave_group() waits on it
 # for them and fails the job at once for 1-127 (a bad config or bad data fails the same way again).
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: stopped by a signal in a k8s pod, resumable
 EXIT_LOST_PEER = 200  # another rank died or stopped answering
+EXIT_RUN_BUSY = 201   # another process holds the run folder (a restarted pod may meet its old self's lock)
 
 
 def dist_env(local_rank_flag=None):

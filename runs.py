@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from omegaconf import OmegaConf
 
 from checkpoint import list_checkpoints, resume_requested, restarts
+from launch import EXIT_RUN_BUSY
 from utils import (UserError, append_line, atomic_write_bytes, log_to_file, timestamp, to_plain, write_metrics)
 
 # -------------------------------------------------------------------------------- run folders
@@ -117,7 +118,7 @@ class RunLock:
             holder = self.file.read().strip() or "another process"
             self.file.close()
             raise UserError(f"run folder {folder} is in use by {holder}; wait for that run to end, or choose "
-                            f"another run.name") from None
+                            f"another run.name", code=EXIT_RUN_BUSY) from None
 
     def claim(self):
         self.file.seek(0)
