@@ -21,9 +21,9 @@ never count as training time.
 """
 import os
 
-# Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning, so a run that shares
-# its cores with other work (another run, a browser) slows down in proportion, not several-fold.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Before torch loads OpenMP: an idle OpenMP thread spins for a short while, then sleeps, so a run that
+# shares its cores with other work (another run) slows down in proportion, not several-fold (docs/bench.md).
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 import argparse
 import json

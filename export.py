@@ -20,9 +20,9 @@ since torch 2.9 (the TorchScript exporter, dynamo=False, is deprecated). It need
 """
 import os
 
-# Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning, so a run that shares
-# its cores with other work (another run, a browser) slows down in proportion, not several-fold.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Before torch loads OpenMP: an idle OpenMP thread spins for a short while, then sleeps, so a run that
+# shares its cores with other work (another run) slows down in proportion, not several-fold (docs/bench.md).
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 import argparse
 import importlib

@@ -15,8 +15,9 @@ checkpoint alone, or from a safetensors export (python export.py --format safete
 """
 import os
 
-# Before torch loads OpenMP: idle threads sleep instead of spinning (see train.py).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Before torch loads OpenMP: an idle OpenMP thread spins for a short while, then sleeps, so a run that
+# shares its cores with other work (another run) slows down in proportion, not several-fold (docs/bench.md).
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 import argparse
 import json
