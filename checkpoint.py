@@ -475,6 +475,10 @@ def load_trained(path):
                         f"use a *_final.pth or best.pth written by train.py", code=1)
     check_model_args(ckpt["model_args"], path)
     check_data_info(ckpt["data_info"], ckpt["model_args"], path)
+    for key in ("model", "ema_model"):
+        weights = ckpt.get(key, {})
+        if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+            raise _bad(path, f"'{key}' is not a mapping of names to tensors")
     model = build_model(ckpt["model_args"])
     weights, kind = preferred_weights(ckpt)
     load_weights(model, weights, path)
@@ -547,6 +551,9 @@ def init_weights(model, path):
     """Fill `model` from the weights at `path` (model.init_from: a weights file, a training
     checkpoint, an export or a run folder), adapting the head, the position embedding and the
     input channels. Returns one line that says what was loaded, reset and adapted."""
+    if not os.path.exists(path):
+        raise UserError(f"model.init_from={path}: no such file or folder; give a weights file, a checkpoint or a "
+                        f"run folder (checkpoints/<run>)")
     source = weights_in(path)
     src_model, ckpt, kind = load_trained(source)
     try:

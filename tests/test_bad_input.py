@@ -292,3 +292,15 @@ def test_an_output_folder_that_cannot_be_written_is_one_line(tmp_path, capsys):
     assert infer.main(args + ["--no-show"]) == 1
     line = one_line(capsys.readouterr().err)
     assert "--output" in line and "is not a folder" in line
+
+
+def test_weights_that_are_not_tensors_and_a_missing_init_from_are_one_line(tmp_path):
+    path = str(tmp_path / "w.pth")
+    tiny_weights_file(path)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["model"] = torch.zeros(3)
+    torch.save(ckpt, path)
+    with pytest.raises(UserError, match="'model' is not a mapping of names to tensors"):
+        load_trained(path)
+    with pytest.raises(UserError, match="model.init_from=/nonexistent: no such file or folder"):
+        checkpoint.init_weights(torch.nn.Linear(1, 1), "/nonexistent")
