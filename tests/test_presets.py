@@ -16,7 +16,8 @@ TIMING_KEYS = {"epoch_time_s", "images_per_s", "eval_time_s"}
 
 def test_there_are_presets_for_every_dataset_and_model():
     names = {os.path.basename(p) for p in PRESETS}
-    assert {"mnist.yaml", "fashion_mnist.yaml", "cifar10_vit.yaml", "cifar10_resnet.yaml", "mnist_fast.yaml"} <= names
+    assert {"mnist.yaml", "fashion_mnist.yaml", "cifar10_vit.yaml", "cifar10_resnet.yaml", "mnist_fast.yaml",
+            "folder_small.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=os.path.basename)
@@ -33,6 +34,9 @@ def synthetic_root(tmp_path, dataset):
     root = tmp_path / "data"
     if dataset == "cifar10":
         write_cifar_set(str(root / "cifar-10-batches-py"), per_batch=16, n_test=40)
+    elif dataset == "folder":
+        from test_finetune import grey_folder
+        grey_folder(str(root), classes=3, per_class=20)
     else:
         write_idx_set(str(root / ("MNIST" if dataset == "mnist" else "FashionMNIST") / "raw"), n_train=80, n_test=40)
     return str(root)
@@ -47,8 +51,8 @@ def test_preset_trains_and_repeats_exactly_with_its_seed(path, tmp_path):
     for name in ("a", "b"):
         out = tmp_path / name
         args = ["--config", path, f"data.data_root={root}", f"checkpoint.dir={out}/ckpt", f"log.dir={out}/logs",
-                "run.name=p", "train.device=cpu", "train.compile=false", "train.epochs=1", "train.batch_size=16",
-                "data.train_limit=48", "log.tensorboard=false", "train.eval_batch_size=40"]
+                "run.name=p", "train.device=cpu", "train.compile=false", "train.epochs=1", "train.min_steps=0",
+                "train.batch_size=16", "data.train_limit=48", "log.tensorboard=false", "train.eval_batch_size=40"]
         assert train.main(args) == 0
         with open(out / "logs" / "p" / "metrics.jsonl") as f:
             runs.append([{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS} for line in f])
