@@ -190,8 +190,12 @@ def preset_training(path, device, *overrides):
     random images of its dataset's shape (on `meta`: shapes alone), for measuring its step."""
     cfg = load_config(path, ["train.compile=false", "train.log_interval=1000000", *overrides])
     ds = cfg.data.dataset
-    _, classes, mean, std, channels, digit_style = DATASETS[ds]
-    side = 32 if ds == "cifar10" else 28
+    if ds == "folder":  # a grey (or data.channels=3) folder of 10 classes at model.image_size
+        channels = 3 if str(cfg.data.channels) == "3" else 1
+        classes, mean, std, digit_style = tuple(map(str, range(10))), (0.5,) * channels, (0.25,) * channels, False
+    else:
+        _, classes, mean, std, channels, digit_style = DATASETS[ds]
+    side = {"cifar10": 32, "folder": int(cfg.model.image_size)}.get(ds, 28)
     info = DataInfo(ds, classes, mean, std, channels, digit_style, side)
     info.hflip = flip_choice(cfg.data.hflip, info)
     n = 8 * cfg.train.batch_size
