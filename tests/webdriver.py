@@ -3,9 +3,11 @@ in tests with nothing beyond the standard library: open a page, run a script, fi
 elements, give a file input a file, pointer strokes (mouse, pen, touch) and screenshots."""
 import base64
 import json
+import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -39,8 +41,10 @@ class Browser:
         browser, driver = find_browser()
         port = free_port()
         self.base = f"http://127.0.0.1:{port}"
+        # Chromium leaves its scoped_dir folders in TMPDIR: give it one of its own, removed on close
+        self.tmp = tempfile.mkdtemp(prefix="webdriver-")
         self.driver = subprocess.Popen([driver, f"--port={port}"], stdout=subprocess.DEVNULL,
-                                       stderr=subprocess.DEVNULL)
+                                       stderr=subprocess.DEVNULL, env={**os.environ, "TMPDIR": self.tmp})
         try:
             self._wait_ready()
             args = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -51,6 +55,7 @@ class Browser:
         except Exception:
             self.driver.kill()
             self.driver.wait()
+            shutil.rmtree(self.tmp, ignore_errors=True)
             raise
 
     def _wait_ready(self, timeout=30):
@@ -132,6 +137,7 @@ class Browser:
         except subprocess.TimeoutExpired:
             self.driver.kill()
             self.driver.wait()
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
     def __enter__(self):
         return self
